@@ -1,0 +1,24 @@
+"""Vectorized model ensembling in PyTorch.
+
+Helpers for the tutorials in this repository: pick the device, choose honest
+tolerances for loop-vs-vectorized comparisons, and time implementations side
+by side on the reader's machine.
+"""
+
+from ._bench import MEASURED_PREFIX, Timing, compare, measure, print_measured
+from ._device import default_device, synchronize, tolerances
+from ._plot import plot_timings
+
+__all__ = [
+    "MEASURED_PREFIX",
+    "Timing",
+    "compare",
+    "default_device",
+    "measure",
+    "plot_timings",
+    "print_measured",
+    "synchronize",
+    "tolerances",
+]
+
+__version__ = "0.1.0"

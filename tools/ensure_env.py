@@ -1,0 +1,76 @@
+"""Install what `make` needs into the current interpreter's environment, once.
+
+* A torch that is already installed (a CUDA build on a GPU box, say) is kept:
+  the ``torch==`` line of requirements.txt is only used when ``import torch``
+  fails.
+* Everything else in requirements.txt, and the ``ensembling`` package itself
+  (editable), is installed with pip.
+* A stamp file records the digest of requirements.txt and pyproject.toml for
+  this interpreter; while it matches, nothing is run (a make call costs ~0 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "requirements.txt"
+STAMP_DIR = ROOT / ".make"
+
+
+def digest() -> str:
+    h = hashlib.sha256(sys.prefix.encode())
+    for path in (REQUIREMENTS, ROOT / "pyproject.toml"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def requirement_lines(keep_torch: bool) -> list[str]:
+    lines = []
+    for raw in REQUIREMENTS.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = line.split("=")[0].split("<")[0].split(">")[0].split("[")[0].strip().lower()
+        if name == "torch" and not keep_torch:
+            continue
+        lines.append(line)
+    return lines
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> int:
+    stamp = STAMP_DIR / f"deps-{digest()}"
+    if stamp.exists() and importlib.util.find_spec("ensembling") is not None:
+        return 0
+    have_torch = importlib.util.find_spec("torch") is not None
+    if have_torch:
+        import torch
+
+        print(f"keeping the installed torch {torch.__version__} (requirements.txt's torch pin is skipped)")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write("\n".join(requirement_lines(keep_torch=not have_torch)) + "\n")
+    try:
+        pip("-r", handle.name)
+    finally:
+        Path(handle.name).unlink()
+    pip("--no-deps", "-e", str(ROOT))
+    STAMP_DIR.mkdir(exist_ok=True)
+    for old in STAMP_DIR.glob("deps-*"):
+        old.unlink()
+    stamp.touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
