@@ -1,0 +1,92 @@
+"""Checks that a list of modules can be stacked into one ensemble."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._errors import EnsembleError
+
+__all__ = ["check_members"]
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_members(models: Sequence[nn.Module], caller: str) -> None:
+    """Raise :class:`EnsembleError` unless ``models`` can be stacked member for member.
+
+    Every member must be an ``nn.Module`` of the first member's class, in the
+    same train/eval mode, with the same parameter and buffer names, and each
+    tensor must match the first member's in shape, dtype, device and (for
+    parameters) ``requires_grad``. The first difference found is reported,
+    with the member index and the tensor name.
+    """
+    if isinstance(models, nn.Module):
+        raise EnsembleError(
+            f"{caller}: got a single {type(models).__name__}, not a list of modules; "
+            "pass a list such as [model_a, model_b] (or build one with a list comprehension)."
+        )
+    try:
+        models = list(models)
+    except TypeError:
+        raise EnsembleError(
+            f"{caller}: expected a list of nn.Module, got {type(models).__name__}."
+        ) from None
+    if not models:
+        raise EnsembleError(f"{caller}: got an empty list of models; pass at least one nn.Module.")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise EnsembleError(
+                f"{caller}: member {i} is a {type(m).__name__}, not an nn.Module; "
+                "pass the modules themselves (not their state_dicts or outputs)."
+            )
+    first = models[0]
+    cls = type(first)
+    ref_params = dict(first.named_parameters())
+    ref_buffers = dict(first.named_buffers())
+    for i, m in enumerate(models[1:], start=1):
+        if type(m) is not cls:
+            raise EnsembleError(
+                f"{caller}: member {i} is a {type(m).__qualname__}, but member 0 is a "
+                f"{cls.__qualname__}; every member must be an instance of the same class."
+            )
+        if m.training != first.training:
+            mode = lambda mod: "train" if mod.training else "eval"  # noqa: E731
+            raise EnsembleError(
+                f"{caller}: member {i} is in {mode(m)} mode but member 0 is in {mode(first)} mode; "
+                "call .train() or .eval() on every member before stacking."
+            )
+        for kind, ref, mine in (
+            ("parameter", ref_params, dict(m.named_parameters())),
+            ("buffer", ref_buffers, dict(m.named_buffers())),
+        ):
+            missing, extra = sorted(set(ref) - set(mine)), sorted(set(mine) - set(ref))
+            if missing or extra:
+                raise EnsembleError(
+                    f"{caller}: member {i} has different {kind}s than member 0 "
+                    f"(missing: {missing}, unexpected: {extra}); every member needs the same "
+                    "architecture and configuration."
+                )
+            for name, r in ref.items():
+                t = mine[name]
+                for what, a, b, fix in (
+                    ("shape", r.shape, t.shape, "build every member with the same sizes"),
+                    ("dtype", r.dtype, t.dtype, f"convert every member, e.g. model.to({r.dtype})"),
+                    ("device", r.device, t.device, f"move every member to one device, e.g. model.to('{r.device}')"),
+                ):
+                    if a != b:
+                        raise EnsembleError(
+                            f"{caller}: {kind} {name!r} of member {i} has {what} "
+                            f"{list(b) if what == 'shape' else b}, but member 0's has "
+                            f"{list(a) if what == 'shape' else a} ({_describe(t)} vs {_describe(r)}); {fix}."
+                        )
+                if kind == "parameter" and r.requires_grad != t.requires_grad:
+                    raise EnsembleError(
+                        f"{caller}: parameter {name!r} of member {i} has requires_grad="
+                        f"{t.requires_grad}, but member 0's has requires_grad={r.requires_grad}; "
+                        "freeze (requires_grad_(False)) the same parameters in every member."
+                    )
