@@ -7,12 +7,14 @@ deprecated ``functorch.combine_state_for_ensemble`` for migrating old code.
 """
 
 from ._bench import MEASURED_PREFIX, Timing, compare, measure, print_measured
+from ._ensemble import Ensemble
 from ._device import default_device, synchronize, tolerances
 from ._errors import EnsembleError
 from ._plot import plot_timings
 
 __all__ = [
     "MEASURED_PREFIX",
+    "Ensemble",
     "EnsembleError",
     "Timing",
     "compare",

@@ -33,6 +33,12 @@ class Timing:
         Interquartile range of the per-call times, in seconds.
     runs : int
         How many timed blocks the median is taken over.
+
+    Examples
+    --------
+    >>> t = Timing("loop", median=0.0021, iqr=0.0001, runs=12)
+    >>> str(t)  # the median, with a readable unit
+    '2.10 ms'
     """
 
     label: str
@@ -155,6 +161,11 @@ def print_measured(*lines: str) -> None:
     Use it for every line whose content depends on the hardware: timings,
     speedups, device names, and sentences computed from them. The notebook
     check masks exactly these lines, so everything else stays strictly compared.
+
+    Parameters
+    ----------
+    *lines : str
+        One line each, without newlines.
 
     Examples
     --------

@@ -41,6 +41,11 @@ def synchronize(device: torch.device | str) -> None:
     how fast kernels are *queued* on an accelerator, not how fast they run.
     A no-op on the CPU.
 
+    Parameters
+    ----------
+    device : torch.device or str
+        The device to wait for, e.g. ``"cuda"``, ``"mps"`` or ``"cpu"``.
+
     Examples
     --------
     >>> synchronize("cpu")  # returns immediately

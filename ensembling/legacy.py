@@ -23,7 +23,6 @@ than a full copy.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._ensemble import meta_copy
 from ._validate import check_members
 
 __all__ = ["FunctionalModuleWithBuffers", "combine_state_for_ensemble"]
@@ -115,5 +115,5 @@ def combine_state_for_ensemble(
         torch.stack([m.get_parameter(name) for m in models]).detach() for name in param_names
     )
     buffers = tuple(torch.stack([m.get_buffer(name) for m in models]).detach() for name in buffer_names)
-    stateless = copy.deepcopy(models[0]).to("meta")
+    stateless = meta_copy(models[0])
     return FunctionalModuleWithBuffers(stateless, param_names, buffer_names), params, buffers
