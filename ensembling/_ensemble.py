@@ -552,16 +552,20 @@ class Ensemble(nn.Module):
         except TypeError:  # nested in_dims (lists) are not hashable: build it for this call
             key, batched = None, None
         if batched is None:
-            batched = torch.vmap(
-                _member_forward, in_dims=(None, 0, 0, *dims), randomness=randomness, chunk_size=chunk_size
-            )
+            template = self._template
+
+            def member_forward(p: dict, b: dict, *member_args: Any, **member_kwargs: Any) -> Any:
+                """One member's forward pass: the architecture run with one slice of the state."""
+                return functional_call(template, (p, b), member_args, member_kwargs)
+
+            batched = torch.vmap(member_forward, in_dims=(0, 0, *dims), randomness=randomness, chunk_size=chunk_size)
             if key is not None:
                 self._vmap_cache[key] = batched
-        return batched(self._template, params, buffers, *args, **kwargs)
+        return batched(params, buffers, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_vmap_cache"] = {}  # vmapped closures can be neither pickled nor shared by copies
+        state["_vmap_cache"] = {}  # its closures hold this object's template: never share or pickle them
         return state
 
     def _check_inputs(self, args: tuple[Any, ...], in_dims: InDims) -> tuple[Any, ...]:
@@ -694,11 +698,6 @@ class Ensemble(nn.Module):
             return torch.zeros_like(h)
         mask = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(1 - p)
         return h * (mask / (1 - p))
-
-
-def _member_forward(template: nn.Module, params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-    """One member's forward pass: the architecture run with one slice of the stacked state."""
-    return functional_call(template, (params, buffers), args, kwargs)
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
