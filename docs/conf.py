@@ -60,8 +60,8 @@ html_sidebars = {"index": []}
 # A failing example fails the build (sphinx-gallery's default); so does any
 # warning, because the Makefile passes ``-W``.
 sphinx_gallery_conf = {
-    "examples_dirs": str(ROOT / "gallery"),
-    "gallery_dirs": str(DOCS / "tutorials"),
+    "examples_dirs": "../gallery",  # relative to this folder, as sphinx-gallery expects
+    "gallery_dirs": "tutorials",
     "filename_pattern": os.environ.get("GALLERY_PATTERN", r"/plot_"),
     "run_stale_examples": True,
     "remove_config_comments": True,

@@ -10,6 +10,7 @@ from ._bench import MEASURED_PREFIX, Timing, compare, measure, print_measured
 from ._ensemble import Ensemble
 from ._device import default_device, synchronize, tolerances
 from ._errors import EnsembleError
+from ._memory import peak_memory
 from ._plot import plot_timings
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "compare",
     "default_device",
     "measure",
+    "peak_memory",
     "plot_timings",
     "print_measured",
     "synchronize",

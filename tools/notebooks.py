@@ -81,7 +81,7 @@ def convert(script: Path, conf: dict[str, Any] | None = None) -> nbformat.Notebo
         ]
     if blocks[-1].content.isspace():
         blocks = blocks[:-1]
-    target_dir = Path(conf["gallery_dirs"]) / script.parent.relative_to(GALLERY)
+    target_dir = CONF.parent / conf["gallery_dirs"] / script.parent.relative_to(GALLERY)
     # sphinx-gallery stores sources as lists of lines; reading the JSON back
     # through nbformat gives the canonical in-memory form (strings).
     return nbformat.reads(json.dumps(jupyter_notebook(blocks, conf, target_dir)), as_version=4)

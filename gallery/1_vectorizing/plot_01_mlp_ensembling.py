@@ -305,4 +305,8 @@ print_measured(f"vmap gains most for {largest}: {max(speedups.values()):.1f}x")
 #
 # Next steps
 # ----------
-# The :ref:`API reference <api>` documents the helpers used on this page.
+# :ref:`sphx_glr_tutorials_1_vectorizing_plot_02_cnn_ensembling.py` applies the
+# recipe to convolutional networks, and
+# :ref:`sphx_glr_tutorials_2_in_practice_plot_04_training_an_ensemble.py` trains
+# an ensemble with :class:`ensembling.Ensemble`. The :ref:`API reference <api>`
+# documents the helpers used on this page.

@@ -16,7 +16,7 @@ of convolutions on a GPU has to think about TF32.
   uses TF32 for float32 convolutions by default;
 * when vectorizing CNNs pays off on your device, measured.
 
-**Prerequisites**: :ref:`sphx_glr_tutorials_plot_01_mlp_ensembling.py`;
+**Prerequisites**: :ref:`sphx_glr_tutorials_1_vectorizing_plot_01_mlp_ensembling.py`;
 PyTorch 2.6 or newer; a GPU is optional.
 """
 
@@ -252,6 +252,6 @@ print(f"conv2 multiply-adds per image: {conv2_macs / 1e6:.1f} million")
 #
 # Next steps
 # ----------
-# :ref:`sphx_glr_tutorials_plot_03_migrating_from_functorch.py` maps old
+# :ref:`sphx_glr_tutorials_1_vectorizing_plot_03_migrating_from_functorch.py` maps old
 # ``functorch`` ensembling code onto ``torch.func``; the :ref:`API reference
 # <api>` documents the helpers.

@@ -16,7 +16,7 @@ differences that break code during the move.
 * how to copy trained stacked weights back into ordinary modules;
 * which ``torch.func`` function replaces each ``functorch`` name.
 
-**Prerequisites**: :ref:`sphx_glr_tutorials_plot_01_mlp_ensembling.py`;
+**Prerequisites**: :ref:`sphx_glr_tutorials_1_vectorizing_plot_01_mlp_ensembling.py`;
 PyTorch 2.6 or newer. On a PyTorch that no longer ships
 ``functorch.combine_state_for_ensemble``, the legacy half runs on
 :func:`ensembling.legacy.combine_state_for_ensemble`, a re-implementation that
@@ -263,5 +263,7 @@ else:
 #
 # Next steps
 # ----------
-# The :ref:`API reference <api>` documents
+# :ref:`sphx_glr_tutorials_2_in_practice_plot_04_training_an_ensemble.py` trains
+# a real ensemble without any of the manual copying above. The
+# :ref:`API reference <api>` documents
 # :func:`ensembling.legacy.combine_state_for_ensemble` and the other helpers.
