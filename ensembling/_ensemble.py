@@ -141,6 +141,12 @@ class Ensemble(nn.Module):
         (:func:`torch.baddbmm`) instead of ``vmap``: the same results, with the
         per-layer overhead of ``vmap`` removed. Other architectures always use
         ``vmap``.
+    seed : int, optional
+        Initialize member ``i`` from its own seed derived from ``(seed, i)``,
+        one member after another, instead of drawing all members in one
+        vectorized pass from the global generator. Slower, but member ``i``'s
+        initial values then do not depend on how many members there are or on
+        which process builds them (see :mod:`ensembling.distributed`).
 
     Examples
     --------
@@ -169,6 +175,8 @@ class Ensemble(nn.Module):
         randomness: Randomness = "different",
         chunk_size: int | None = None,
         fast_path: bool = True,
+        seed: int | None = None,
+        _members: range | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_members, bool) or not isinstance(num_members, int):
@@ -190,14 +198,24 @@ class Ensemble(nn.Module):
             raise EnsembleError(
                 f"Ensemble: factory must be callable, got {type(factory).__name__}."
             )
-        prototype = factory()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise EnsembleError(f"Ensemble: seed must be an int or None, got {type(seed).__name__}.")
+        if seed is not None:
+            with torch.random.fork_rng():  # a seeded ensemble leaves the global generator alone
+                prototype = factory()
+        else:
+            prototype = factory()
         if not isinstance(prototype, nn.Module):
             raise EnsembleError(
                 f"Ensemble: factory() returned a {type(prototype).__name__}, not an nn.Module."
             )
         if device is not None or dtype is not None:
             prototype = prototype.to(device=device, dtype=dtype)
-        params, buffers = self._init_members(prototype, num_members)
+        members = range(num_members) if _members is None else _members
+        if seed is None:
+            params, buffers = self._init_members(prototype, num_members)
+        else:
+            params, buffers = self._init_seeded_members(prototype, seed, members)
         requires_grad = {name: p.requires_grad for name, p in prototype.named_parameters()}
         self._setup(prototype, params, buffers, requires_grad, randomness, chunk_size, fast_path)
 
@@ -261,14 +279,57 @@ class Ensemble(nn.Module):
                 for name, _ in first.named_buffers()
             }
         requires_grad = {name: p.requires_grad for name, p in first.named_parameters()}
+        return cls._from_stacked(first, params, buffers, requires_grad, randomness, chunk_size, fast_path)
+
+    @classmethod
+    def _from_stacked(
+        cls,
+        prototype: nn.Module,
+        params: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        requires_grad: Mapping[str, bool],
+        randomness: Randomness = "different",
+        chunk_size: int | None = None,
+        fast_path: bool = True,
+    ) -> Ensemble:
+        """An ensemble that takes ownership of already stacked tensors (no copy)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(first, params, buffers, requires_grad, randomness, chunk_size, fast_path)
+        self._setup(prototype, params, buffers, requires_grad, randomness, chunk_size, fast_path)
         return self
 
     @staticmethod
-    def _init_members(prototype: nn.Module, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Draw ``n`` independent initializations with one vmapped pass of the initializers."""
+    def _init_seeded_members(
+        prototype: nn.Module, seed: int, members: range
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Initialize member ``i`` from its own seed, derived from ``(seed, i)`` only.
+
+        The members are drawn one after another (into views of the stacked
+        tensors: no module is built), each under ``torch.manual_seed`` of its own
+        seed, with the global random state restored afterwards. So member ``i``
+        is the same whatever the number of members or the process that builds it,
+        which is what sharding an ensemble across processes needs.
+        """
+        params, buffers = Ensemble._init_members(prototype, len(members), draw=False)
+        resetter = _Resetter(meta_copy(prototype))
+        device = next(iter({**params, **buffers}.values())).device
+        fork = {"devices": [device] if device.type == "cuda" else [], "device_type": device.type}
+        with torch.no_grad():
+            for k, member in enumerate(members):
+                with torch.random.fork_rng(**fork):
+                    torch.manual_seed(member_seed(seed, member))
+                    state = {f"inner.{name}": v[k] for name, v in {**params, **buffers}.items()}
+                    functional_call(resetter, state, ())
+        return params, buffers
+
+    @staticmethod
+    def _init_members(
+        prototype: nn.Module, n: int, draw: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Draw ``n`` independent initializations with one vmapped pass of the initializers.
+
+        With ``draw=False`` only allocate them (the caller draws).
+        """
         fully_reset: set[int] = set()  # ids of tensors a torch.nn layer's reset overwrites
         for module in prototype.modules():
             if _is_torch_nn_class(module) and _reset_method(module) is not None:
@@ -298,7 +359,7 @@ class Ensemble(nn.Module):
         with torch.no_grad():
             params = {name: stacked(p) for name, p in prototype.named_parameters()}
             buffers = {name: stacked(b) for name, b in prototype.named_buffers()}
-            if any(_reset_method(m) is not None for m in prototype.modules()):
+            if draw and any(_reset_method(m) is not None for m in prototype.modules()):
                 resetter = _Resetter(meta_copy(prototype))
                 state = {f"inner.{k}": v for k, v in {**params, **buffers}.items()}
                 try:
@@ -421,12 +482,9 @@ class Ensemble(nn.Module):
                 params = {k: v[index].clone() for k, v in self.named_stacked_parameters().items()}
                 buffers = {k: v[index].clone() for k, v in self.named_stacked_buffers().items()}
             requires_grad = {k: v.requires_grad for k, v in self.named_stacked_parameters().items()}
-            other = type(self).__new__(type(self))
-            nn.Module.__init__(other)
-            other._setup(
+            return type(self)._from_stacked(
                 self._template, params, buffers, requires_grad, self.randomness, self.chunk_size, self.fast_path
             )
-            return other
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError(f"Ensemble indices must be int or slice, not {type(index).__name__}")
         if not -self.num_members <= index < self.num_members:
@@ -698,6 +756,17 @@ class Ensemble(nn.Module):
             return torch.zeros_like(h)
         mask = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(1 - p)
         return h * (mask / (1 - p))
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The seed member ``member`` of an ``Ensemble(..., seed=seed)`` is initialized from.
+
+    Examples
+    --------
+    >>> member_seed(0, 0) != member_seed(0, 1) != member_seed(1, 0)
+    True
+    """
+    return (seed * 1_000_003 + member * 7_919 + 0x5EED) % 2**63
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

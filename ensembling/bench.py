@@ -15,14 +15,16 @@ with ratios:
   optimizer;
 * **initialization** of 1,000 members of the 784-128-128-10 MLP: building the
   modules and stacking them versus ``Ensemble(factory, 1000)``, time and peak
-  memory (each measured in a fresh subprocess).
+  memory (each measured in a fresh subprocess);
+* a **sharded** ensemble (:mod:`ensembling.distributed`) on 1 and on 2 local
+  gloo processes: inference with the gather, and a training step.
 
 Every implementation's output is checked against the loop before it is timed.
 Times are medians from :func:`ensembling.measure`. Nothing here is asserted:
 the numbers are for reading, and differ between machines.
 
 Options: ``--quick`` (shorter timing, no ``torch.compile``), ``--no-compile``,
-``--sections inference,training,init``, ``--min-run-time SECONDS``.
+``--sections inference,training,init,distributed``, ``--min-run-time SECONDS``.
 """
 
 from __future__ import annotations
@@ -292,11 +294,85 @@ def initialization(device: torch.device, members: int = 1000, repeats: int = 3) 
     )
 
 
+DIST_CONFIGS = [(64, 64, 784, 128), (256, 8, 16, 16)]
+
+
+def _distributed_worker(rank: int, world_size: int, config: tuple[int, int, int, int], min_run_time: float) -> dict:
+    """Time inference (forward + all_gather) and a training step of this rank's shard."""
+    import torch.distributed as dist
+
+    from .distributed import ShardedEnsemble
+
+    members, batch, in_features, hidden = config
+    sharded = ShardedEnsemble(lambda: mlp(in_features, hidden), members, seed=0)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(members, batch, in_features, generator=g)
+    target = sharded.local_inputs(torch.randint(0, CLASSES, (members, batch), generator=g))
+    optimizer = torch.optim.Adam(sharded.parameters(), lr=1e-3, fused=True)
+
+    def infer() -> None:
+        sharded.predict(xs, in_dims=0)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = sharded(xs, in_dims=0)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        loss.view(target.shape).mean(dim=1).sum().backward()
+        optimizer.step()
+
+    def timed(fn: Callable[[], None]) -> float:
+        """Median per-call time over 5 blocks that every rank runs with the same count.
+
+        (Each rank must make the same number of collective calls, so the
+        adaptive repeat count of torch.utils.benchmark cannot be used here.)
+        """
+        fn(), fn()
+        start = time.perf_counter()
+        fn()
+        once = torch.tensor(time.perf_counter() - start)
+        dist.all_reduce(once, op=dist.ReduceOp.MAX)
+        calls = max(3, int(min_run_time / 5 / float(once)))
+        blocks = []
+        for _ in range(5):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            dist.barrier()
+            blocks.append((time.perf_counter() - start) / calls)
+        return sorted(blocks)[2]
+
+    return {"infer": timed(infer), "step": timed(step), "threads": torch.get_num_threads()}
+
+
+def distributed(min_run_time: float) -> str:
+    from .distributed import launch
+
+    header = ["members", "batch", "in", "hidden", "processes", "threads each", "inference+gather",
+              "training step", "inference speedup", "training speedup"]  # fmt: skip
+    rows = []
+    for config in DIST_CONFIGS:
+        base: dict[str, float] = {}
+        for world in (1, 2):
+            results = launch(_distributed_worker, world, config, min_run_time, timeout_s=120)
+            slowest = {k: max(r[k] for r in results) for k in ("infer", "step")}  # a step ends with the slowest rank
+            base = base or slowest
+            rows.append([*map(str, config), str(world), str(results[0]["threads"]),
+                         format_seconds(slowest["infer"]), format_seconds(slowest["step"]),
+                         f"{base['infer'] / slowest['infer']:.2f}x", f"{base['step'] / slowest['step']:.2f}x"])  # fmt: skip
+            print(f"  distributed {config} x{world} done", file=sys.stderr, flush=True)
+    return _table(
+        "Sharded ensemble (gloo, local processes, the machine's cores split between them): "
+        "median time per call of the slowest rank; speedup over 1 process",
+        header, rows,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ensembling.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--sections", default="inference,training,init")
+    parser.add_argument("--sections", default="inference,training,init,distributed")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--init-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -309,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     use_compile = not (args.quick or args.no_compile)
     sections = {s.strip() for s in args.sections.split(",")}
-    unknown = sections - {"inference", "training", "init"}
+    unknown = sections - {"inference", "training", "init", "distributed"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads\n")
@@ -319,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(training(device, min_run_time), flush=True)
     if "init" in sections:
         print(initialization(device), flush=True)
+    if "distributed" in sections:
+        print(distributed(min_run_time), flush=True)
     return 0
 
 
