@@ -131,11 +131,15 @@ class ShardedEnsemble(nn.Module):
 
     Examples
     --------
-    >>> def worker(rank, world_size):  # run on 2 processes with launch(worker, 2)
-    ...     sharded = ShardedEnsemble(lambda: nn.Linear(3, 2), 5, seed=0)
-    ...     return sharded.members, sharded.predict(torch.ones(4, 3)).shape
-    >>> launch(worker, 2)  # doctest: +SKIP
-    [(range(0, 3), torch.Size([5, 4, 2])), (range(3, 5), torch.Size([5, 4, 2]))]
+    In each process of a group (``torchrun``, or :func:`launch` with a
+    function defined in a module)::
+
+        sharded = ShardedEnsemble(lambda: nn.Linear(3, 2), 5, seed=0)
+        sharded.members                        # rank 0 of 2: range(0, 3); rank 1: range(3, 5)
+        sharded(torch.ones(4, 3)).shape        # this rank's members: [3, 4, 2] or [2, 4, 2]
+        sharded.predict(torch.ones(4, 3)).shape  # all members, on every rank: [5, 4, 2]
+
+    ``tests/test_distributed.py`` runs exactly this on 2 and 3 processes.
     """
 
     def __init__(
@@ -290,7 +294,9 @@ def load_ensemble(ensemble: Ensemble, path: str | os.PathLike) -> Ensemble:
 
     Examples
     --------
-    >>> ens = load_ensemble(Ensemble(factory, 16, seed=0), "checkpoints/step-300")  # doctest: +SKIP
+    After ``torchrun --nproc-per-node 2 -m ensembling.distributed --checkpoint ckpt/``::
+
+        ens = load_ensemble(Ensemble(digits_member, 16), "ckpt/")  # all 16 members, one process
     """
     count = _checkpoint_member_count(path)
     if count != len(ensemble):
@@ -397,7 +403,10 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
 
     Examples
     --------
-    >>> launch(shard_members, 1, 10)  # doctest: +SKIP
+    With a worker defined in an importable module::
+
+        results = launch(demo_worker, 2, 8, 100, 0)   # 8 members, 100 steps, seed 0, on 2 processes
+        results[0]["probs"].shape                     # gathered on every rank: [8, 360, 10]
     """
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ensembling-launch-") as tmp:
