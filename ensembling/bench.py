@@ -346,6 +346,7 @@ def _distributed_worker(rank: int, world_size: int, config: tuple[int, int, int,
 
 
 def distributed(min_run_time: float) -> str:
+    from . import bench  # the worker by its importable name, even when this file runs as __main__
     from .distributed import launch
 
     header = ["members", "batch", "in", "hidden", "processes", "threads each", "inference+gather",
@@ -354,7 +355,7 @@ def distributed(min_run_time: float) -> str:
     for config in DIST_CONFIGS:
         base: dict[str, float] = {}
         for world in (1, 2):
-            results = launch(_distributed_worker, world, config, min_run_time, timeout_s=120)
+            results = launch(bench._distributed_worker, world, config, min_run_time, timeout_s=120)
             slowest = {k: max(r[k] for r in results) for k in ("infer", "step")}  # a step ends with the slowest rank
             base = base or slowest
             rows.append([*map(str, config), str(world), str(results[0]["threads"]),

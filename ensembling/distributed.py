@@ -408,6 +408,12 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         results = launch(demo_worker, 2, 8, 100, 0)   # 8 members, 100 steps, seed 0, on 2 processes
         results[0]["probs"].shape                     # gathered on every rank: [8, 360, 10]
     """
+    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise EnsembleError(
+            f"launch: {getattr(fn, '__qualname__', fn)!r} is defined in a script, notebook or function, "
+            "so new processes cannot import it; move it to a module (a .py file on the import path) "
+            "and pass it from there."
+        )
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ensembling-launch-") as tmp:
         outs = [str(Path(tmp) / f"rank{r}.pkl") for r in range(world_size)]

@@ -154,3 +154,13 @@ def test_sharded_ensemble_needs_an_initialized_process_group() -> None:
     """Without init_process_group the error says what to do."""
     with pytest.raises(EnsembleError, match="init_process_group"):
         ShardedEnsemble(member, 4, seed=0)
+
+
+def test_launch_refuses_a_worker_new_processes_cannot_import() -> None:
+    """A function defined locally (or in __main__) is refused up front, with the fix."""
+
+    def local_worker(rank: int, world_size: int) -> None:
+        return None
+
+    with pytest.raises(EnsembleError, match="move it to a module"):
+        launch(local_worker, 2)
