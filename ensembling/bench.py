@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
@@ -245,20 +244,21 @@ def _init_child(method: str, members: int, device: str) -> dict[str, float]:
     start = time.perf_counter()
     if method == "build+stack":
         models = [factory().to(dev) for _ in range(members)]
-        params, _ = stack_module_state(models)
+        result: object = stack_module_state(models)
         del models
     elif method == "Ensemble":
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the MLP must not need the copy-one-member fallback
-            ens = Ensemble(factory, members, device=dev)
+            result = Ensemble(factory, members, device=dev)
     else:  # the floor: fresh memory for every parameter, filled with one uniform_ call
-        floor = torch.empty(numel, device=dev).uniform_(-0.1, 0.1)
+        result = torch.empty(numel, device=dev).uniform_(-0.1, 0.1)
     synchronize(dev)
     seconds = time.perf_counter() - start
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
         peak = _rss_bytes("VmHWM") - base
+    del result  # kept alive until the peak was read
     return {"seconds": seconds, "peak_bytes": float(peak), "stacked_bytes": float(numel * 4)}
 
 
