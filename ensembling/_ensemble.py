@@ -88,7 +88,7 @@ def _fast_layers(template: nn.Module) -> list[tuple[str, nn.Module]] | None:
         return None
     layers = list(template.named_children())
     for _, layer in layers:
-        if isinstance(layer, nn.Linear) and type(layer) is nn.Linear:
+        if type(layer) is nn.Linear:
             continue
         if type(layer) in _ELEMENTWISE or type(layer) is nn.Dropout:
             if not list(layer.parameters(recurse=True)) and not list(layer.buffers()):
@@ -602,8 +602,8 @@ class Ensemble(nn.Module):
                 self._check_inputs(args, in_dims)  # raises the explanatory error
             return self._forward_fast(x, shared, randomness)
         dims = self._check_inputs(args, in_dims)
-        params = {name: getattr(container, attr) for name, container, attr in self._param_slots}
-        buffers = {name: getattr(container, attr) for name, container, attr in self._buffer_slots}
+        params = self.named_stacked_parameters()
+        buffers = self.named_stacked_buffers()
         key = (dims, randomness, chunk_size)
         try:
             batched = self._vmap_cache.get(key)
