@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from ._errors import EnsembleError
+from ._layers import attention_settings, make_runner
 from ._validate import check_members
 
 __all__ = ["Ensemble"]
@@ -224,7 +226,7 @@ class Ensemble(nn.Module):
     @classmethod
     def from_modules(
         cls,
-        modules: Sequence[nn.Module],
+        modules: Iterable[nn.Module],
         *,
         randomness: Randomness = "different",
         chunk_size: int | None = None,
@@ -238,8 +240,9 @@ class Ensemble(nn.Module):
 
         Parameters
         ----------
-        modules : sequence of nn.Module
-            At least one module; all of the same class, in the same train/eval
+        modules : iterable of nn.Module
+            A list, tuple, ``nn.ModuleList`` or generator of at least one
+            module; all of the same class, in the same train/eval
             mode, with the same parameter and buffer names, shapes, dtypes,
             devices and ``requires_grad`` flags.
         randomness, chunk_size, fast_path
@@ -266,8 +269,7 @@ class Ensemble(nn.Module):
         ...
         ensembling._errors.EnsembleError: Ensemble.from_modules: parameter 'weight' of member 1 has shape [5, 3], but member 0's has [2, 3] ...
         """
-        check_members(modules, "Ensemble.from_modules")
-        modules = list(modules)
+        modules = check_members(modules, "Ensemble.from_modules")
         first = modules[0]
         with torch.no_grad():
             params = {
@@ -310,7 +312,7 @@ class Ensemble(nn.Module):
         is the same whatever the number of members or the process that builds it,
         which is what sharding an ensemble across processes needs.
         """
-        params, buffers = Ensemble._init_members(prototype, len(members), draw=False)
+        params, buffers, versions = Ensemble._allocate_members(prototype, len(members))
         resetter = _Resetter(meta_copy(prototype))
         device = next(iter({**params, **buffers}.values())).device
         fork = {"devices": [device] if device.type == "cuda" else [], "device_type": device.type}
@@ -320,15 +322,19 @@ class Ensemble(nn.Module):
                     torch.manual_seed(member_seed(seed, member))
                     state = {f"inner.{name}": v[k] for name, v in {**params, **buffers}.items()}
                     functional_call(resetter, state, ())
+            _fill_unwritten(prototype, {**params, **buffers}, versions)
         return params, buffers
 
     @staticmethod
-    def _init_members(
-        prototype: nn.Module, n: int, draw: bool = True
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Draw ``n`` independent initializations with one vmapped pass of the initializers.
+    def _allocate_members(
+        prototype: nn.Module, n: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
+        """Stacked tensors for ``n`` members, not yet drawn.
 
-        With ``draw=False`` only allocate them (the caller draws).
+        A tensor that a ``torch.nn`` layer's own initializer is about to
+        overwrite is only allocated (no copy); every other tensor holds the
+        prototype's values. The third result maps each allocated-only tensor to
+        its version counter, for :func:`_fill_unwritten` to check afterwards.
         """
         fully_reset: set[int] = set()  # ids of tensors a torch.nn layer's reset overwrites
         for module in prototype.modules():
@@ -348,7 +354,7 @@ class Ensemble(nn.Module):
                 "member starts with the values of one factory() call. Give those modules a "
                 "reset_parameters() method to draw them per member, or build the members "
                 "yourself and use Ensemble.from_modules([factory() for _ in range(n)]).",
-                stacklevel=3,
+                stacklevel=4,
             )
 
         def stacked(t: Tensor) -> Tensor:
@@ -359,7 +365,20 @@ class Ensemble(nn.Module):
         with torch.no_grad():
             params = {name: stacked(p) for name, p in prototype.named_parameters()}
             buffers = {name: stacked(b) for name, b in prototype.named_buffers()}
-            if draw and any(_reset_method(m) is not None for m in prototype.modules()):
+        allocated = {**params, **buffers}
+        versions = {
+            name: allocated[name]._version
+            for name, t in [*prototype.named_parameters(), *prototype.named_buffers()]
+            if id(t) in fully_reset
+        }
+        return params, buffers, versions
+
+    @staticmethod
+    def _init_members(prototype: nn.Module, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Draw ``n`` independent initializations with one vmapped pass of the initializers."""
+        params, buffers, versions = Ensemble._allocate_members(prototype, n)
+        with torch.no_grad():
+            if any(_reset_method(m) is not None for m in prototype.modules()):
                 resetter = _Resetter(meta_copy(prototype))
                 state = {f"inner.{k}": v for k, v in {**params, **buffers}.items()}
                 try:
@@ -370,6 +389,7 @@ class Ensemble(nn.Module):
                         f"({type(err).__name__}: {err}). Build the members yourself and use "
                         "Ensemble.from_modules([factory() for _ in range(n)]) instead."
                     ) from err
+            _fill_unwritten(prototype, {**params, **buffers}, versions)
         return params, buffers
 
     def _setup(
@@ -420,6 +440,10 @@ class Ensemble(nn.Module):
         # a submodule, so it adds nothing to parameters(), state_dict() or .to().
         template = meta_copy(prototype)
         object.__setattr__(self, "_template", template)
+        # What the members run: the same architecture, with vectorizable stand-ins
+        # for the layers vmap cannot batch (see _layers.py). _template stays
+        # untouched, for building ordinary member modules.
+        object.__setattr__(self, "_runner", make_runner(template))
         self._aliases = {
             name: [alias for alias, p in template.named_parameters(remove_duplicate=False) if p is template.get_parameter(name)]
             for name, _, _ in self._param_slots
@@ -441,9 +465,10 @@ class Ensemble(nn.Module):
     def train(self, mode: bool = True) -> Ensemble:
         """Set train/eval mode for every member (as :meth:`torch.nn.Module.train`)."""
         super().train(mode)
-        template = self.__dict__.get("_template")
-        if template is not None:
-            template.train(mode)
+        for name in ("_template", "_runner"):
+            inner = self.__dict__.get(name)
+            if inner is not None:
+                inner.train(mode)
         return self
 
     def __len__(self) -> int:
@@ -602,6 +627,11 @@ class Ensemble(nn.Module):
                 self._check_inputs(args, in_dims)  # raises the explanatory error
             return self._forward_fast(x, shared, randomness)
         dims = self._check_inputs(args, in_dims)
+        if any(isinstance(a, PackedSequence) for a in (*args, *kwargs.values())):
+            raise EnsembleError(
+                "Ensemble: got a PackedSequence, which cannot be split across members; pass the "
+                "padded tensor instead (and use the lengths to pick each sequence's last output)."
+            )
         params = self.named_stacked_parameters()
         buffers = self.named_stacked_buffers()
         key = (dims, randomness, chunk_size)
@@ -610,16 +640,47 @@ class Ensemble(nn.Module):
         except TypeError:  # nested in_dims (lists) are not hashable: build it for this call
             key, batched = None, None
         if batched is None:
-            template = self._template
+            runner = self._runner
 
             def member_forward(p: dict, b: dict, *member_args: Any, **member_kwargs: Any) -> Any:
                 """One member's forward pass: the architecture run with one slice of the state."""
-                return functional_call(template, (p, b), member_args, member_kwargs)
+                return functional_call(runner, (p, b), member_args, member_kwargs)
 
             batched = torch.vmap(member_forward, in_dims=(0, 0, *dims), randomness=randomness, chunk_size=chunk_size)
             if key is not None:
                 self._vmap_cache[key] = batched
-        return batched(params, buffers, *args, **kwargs)
+        if torch.compiler.is_compiling():  # the settings are global flags: set them outside the compiled call
+            return batched(params, buffers, *args, **kwargs)
+        device = next(iter({**params, **buffers}.values())).device
+        try:
+            with attention_settings(device):
+                return batched(params, buffers, *args, **kwargs)
+        except RuntimeError as err:
+            if "atching rule not implemented" not in str(err):
+                raise
+            raise EnsembleError(self._unbatchable_message(err)) from err
+
+    def _unbatchable_message(self, err: RuntimeError) -> str:
+        """Explain a vmap failure: the operator, the layers that likely called it, the ways out."""
+        text = str(err)
+        op = text[text.find("aten::"):].split()[0].rstrip(".") if "aten::" in text else "an operator"
+        suspects = [
+            f"{name or '<root>'} ({type(module).__name__})"
+            for name, module in self._runner.named_modules()
+            if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and "forward" not in module.__dict__
+        ] or [
+            f"{name or '<root>'} ({type(module).__name__})"
+            for name, module in self._runner.named_modules()
+            if not _is_torch_nn_class(module)
+        ]
+        where = f" It is called by the forward of {', '.join(suspects)}." if suspects else ""
+        return (
+            f"Ensemble: torch.vmap has no batching rule for {op}, so the members cannot run as one "
+            f"batched call.{where} Ensemble substitutes vectorized versions for torch's own RNN, GRU, "
+            "LSTM and attention layers, but not for a subclass with its own forward or for custom "
+            "code. Write that part with operations vmap batches (matmul, F.linear, element-wise ops), "
+            "or run the members one by one: torch.stack([m(x) for m in ens.unstack()])."
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -756,6 +817,30 @@ class Ensemble(nn.Module):
             return torch.zeros_like(h)
         mask = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(1 - p)
         return h * (mask / (1 - p))
+
+
+def _fill_unwritten(prototype: nn.Module, stacked: Mapping[str, Tensor], versions: Mapping[str, int]) -> None:
+    """Give every allocated-only tensor that no initializer wrote the prototype's values.
+
+    A ``torch.nn`` layer's ``reset_parameters()`` normally overwrites all of its
+    tensors, so they are allocated without a copy. One that writes through a
+    computed attribute instead (the hook-based ``torch.nn.utils.weight_norm``,
+    for instance) leaves them untouched: the version counter says so, and they
+    get the values of the one ``factory()`` call instead of uninitialized memory.
+    """
+    unwritten = [name for name, version in versions.items() if stacked[name]._version == version]
+    if not unwritten:
+        return
+    state = {**dict(prototype.named_parameters()), **dict(prototype.named_buffers())}
+    for name in unwritten:
+        stacked[name].copy_(state[name].detach().expand_as(stacked[name]))
+    if len(next(iter(stacked.values()))) > 1:
+        warnings.warn(
+            f"Ensemble: the initializers of {unwritten} did not write them, so every member "
+            "starts with the values of one factory() call. Build the members yourself and use "
+            "Ensemble.from_modules([factory() for _ in range(n)]) to draw them per member.",
+            stacklevel=4,
+        )
 
 
 def member_seed(seed: int, member: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -16,20 +16,28 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_members(models: Sequence[nn.Module], caller: str) -> None:
-    """Raise :class:`EnsembleError` unless ``models`` can be stacked member for member.
+def check_members(models: Iterable[nn.Module], caller: str) -> list[nn.Module]:
+    """Return ``models`` as a list, or raise :class:`EnsembleError` unless they stack member for member.
 
-    Every member must be an ``nn.Module`` of the first member's class, in the
-    same train/eval mode, with the same parameter and buffer names, and each
-    tensor must match the first member's in shape, dtype, device and (for
-    parameters) ``requires_grad``. The first difference found is reported,
-    with the member index and the tensor name.
+    ``models`` may be any iterable of modules: a list, a tuple, an
+    ``nn.ModuleList`` or a generator (consumed once, here). Every member must
+    be an ``nn.Module`` of the first member's class, in the same train/eval
+    mode, with the same parameter and buffer names, and each tensor must
+    match the first member's in shape, dtype, device and (for parameters)
+    ``requires_grad``. The first difference found is reported, with the
+    member index and the tensor name.
     """
-    if isinstance(models, nn.Module):
+    if isinstance(models, (Mapping, nn.ModuleDict)):
+        raise EnsembleError(
+            f"{caller}: got a {type(models).__name__}; pass its modules as a list, list(d.values())."
+        )
+    if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
         raise EnsembleError(
             f"{caller}: got a single {type(models).__name__}, not a list of modules; "
-            "pass a list such as [model_a, model_b] (or build one with a list comprehension)."
+            "pass a list such as [model_a, model_b] or an nn.ModuleList."
         )
+    if isinstance(models, (str, bytes)):
+        raise EnsembleError(f"{caller}: expected a list of nn.Module, got a {type(models).__name__}.")
     try:
         models = list(models)
     except TypeError:
@@ -90,3 +98,4 @@ def check_members(models: Sequence[nn.Module], caller: str) -> None:
                         f"{t.requires_grad}, but member 0's has requires_grad={r.requires_grad}; "
                         "freeze (requires_grad_(False)) the same parameters in every member."
                     )
+    return models

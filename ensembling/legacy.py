@@ -24,7 +24,7 @@ than a full copy.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -72,14 +72,14 @@ class FunctionalModuleWithBuffers(nn.Module):
 
 
 def combine_state_for_ensemble(
-    models: Sequence[nn.Module],
+    models: Iterable[nn.Module],
 ) -> tuple[FunctionalModuleWithBuffers, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Stack the state of same-class models for :func:`torch.vmap` (legacy API).
 
     Parameters
     ----------
-    models : sequence of nn.Module
-        ``M`` models of one class, in the same train/eval mode, with equally
+    models : iterable of nn.Module
+        ``M`` models of one class (a list, tuple, ``nn.ModuleList`` or generator), in the same train/eval mode, with equally
         shaped parameters and buffers.
 
     Returns
@@ -107,8 +107,7 @@ def combine_state_for_ensemble(
     torch.Size([4, 5, 2])
     """
     warnings.warn(DEPRECATION, FutureWarning, stacklevel=2)
-    check_members(models, "combine_state_for_ensemble")
-    models = list(models)
+    models = check_members(models, "combine_state_for_ensemble")
     param_names = tuple(name for name, _ in models[0].named_parameters())
     buffer_names = tuple(name for name, _ in models[0].named_buffers())
     params = tuple(

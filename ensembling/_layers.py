@@ -1,0 +1,245 @@
+"""Vectorizable stand-ins for the ``torch.nn`` layers that ``torch.vmap`` cannot batch.
+
+``torch.vmap`` has no batching rule for the fused recurrent kernels
+(``aten::lstm``, ``aten::gru``, ``aten::rnn_tanh``, ``aten::rnn_relu``, and
+``aten::lstm_cell`` and friends), and
+the eval-mode fast paths of ``nn.MultiheadAttention`` and the transformer
+layers have no derivative under it. :class:`~ensembling.Ensemble` therefore runs
+members through a private copy of the architecture (the *runner*) in which:
+
+* every ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (and their ``*Cell`` forms,
+  with :func:`cell_forward`) computes its recurrence with
+  :func:`rnn_forward`: the input projection of all time steps is one batched
+  product, and each step is one product with the hidden weights plus the
+  gate arithmetic, so ``vmap`` turns them into products over all members at
+  once (the same gate equations as the fused kernels, in the same order);
+* an ``nn.Embedding`` with ``padding_idx`` keeps that row's gradient at zero
+  in every member (:func:`embedding_forward`; ``vmap``'s own embedding
+  backward does not when each member has its own indices);
+* the attention fast paths are switched off for the call
+  (:func:`attention_settings`), and on devices whose fused attention kernels
+  have no batching rule (the CPU's, MPS's) attention runs on the
+  ``scaled_dot_product_attention`` math backend: batched matrix products.
+
+Nothing here loops over members.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._errors import EnsembleError
+
+__all__ = ["attention_settings", "cell_forward", "embedding_forward", "make_runner", "rnn_forward"]
+
+_RNN_FORWARDS = {nn.RNN.forward, nn.GRU.forward, nn.LSTM.forward}
+_CELL_FORWARDS = {nn.RNNCell.forward, nn.GRUCell.forward, nn.LSTMCell.forward}
+
+
+def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> Any:
+    """``module(input, hx)`` for an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``, from vmappable operations.
+
+    Supports everything the module's own forward does except packed
+    sequences (:class:`~ensembling.Ensemble` refuses those before the call): several layers, both directions, ``batch_first``, no bias,
+    inter-layer dropout in training mode, ``proj_size`` (LSTM), the ``relu``
+    nonlinearity (RNN), an initial state, and unbatched ``[time, features]``
+    input.
+
+    Shapes (``D`` = 2 if bidirectional else 1, ``H_out`` = ``proj_size`` or
+    ``hidden_size``): input ``[T, B, F]`` (``[B, T, F]`` with ``batch_first``,
+    ``[T, F]`` unbatched) gives output ``[T, B, D * H_out]`` and final states
+    ``[num_layers * D, B, H_out]`` (cell state ``[num_layers * D, B, hidden_size]``).
+    """
+    mode = module.mode
+    lstm = mode == "LSTM"
+    batched = input.dim() == 3
+    if input.dim() not in (2, 3):
+        raise EnsembleError(
+            f"Ensemble: {type(module).__name__} expects a 2-D or 3-D input per member, got shape "
+            f"{list(input.shape)}."
+        )
+    if not batched:
+        input = input.unsqueeze(1)
+    elif module.batch_first:
+        input = input.transpose(0, 1)
+    steps, batch = input.shape[0], input.shape[1]
+    directions = 2 if module.bidirectional else 1
+    out_size = module.proj_size if lstm and module.proj_size > 0 else module.hidden_size
+    if hx is None:
+        h0 = input.new_zeros(module.num_layers * directions, batch, out_size)
+        c0 = input.new_zeros(module.num_layers * directions, batch, module.hidden_size) if lstm else None
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = c0.unsqueeze(1) if c0 is not None else None
+    final_h, final_c = [], []
+    layer_input = input
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            suffix = f"_l{layer}{'_reverse' if direction else ''}"
+            w_ih, w_hh = getattr(module, f"weight_ih{suffix}"), getattr(module, f"weight_hh{suffix}")
+            b_ih = getattr(module, f"bias_ih{suffix}") if module.bias else None
+            b_hh = getattr(module, f"bias_hh{suffix}") if module.bias else None
+            w_hr = getattr(module, f"weight_hr{suffix}") if lstm and module.proj_size > 0 else None
+            index = layer * directions + direction
+            h = h0[index]
+            c = c0[index] if lstm else None
+            # The input's contribution to every gate at every step: one product.
+            gates_in = F.linear(layer_input, w_ih, b_ih)  # [T, B, gates * hidden]
+            order = range(steps - 1, -1, -1) if direction else range(steps)
+            ys: list[Tensor | None] = [None] * steps
+            for t in order:
+                gates_h = F.linear(h, w_hh, b_hh)  # [B, gates * hidden]
+                if lstm:
+                    i, f, g, o = (gates_in[t] + gates_h).chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    if w_hr is not None:
+                        h = F.linear(h, w_hr)
+                elif mode == "GRU":
+                    in_r, in_z, in_n = gates_in[t].chunk(3, dim=-1)
+                    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
+                    r = torch.sigmoid(in_r + h_r)
+                    z = torch.sigmoid(in_z + h_z)
+                    n = torch.tanh(in_n + r * h_n)
+                    h = n + z * (h - n)  # (1 - z) * n + z * h
+                elif mode == "RNN_TANH":
+                    h = torch.tanh(gates_in[t] + gates_h)
+                else:  # RNN_RELU
+                    h = torch.relu(gates_in[t] + gates_h)
+                ys[t] = h
+            outputs.append(torch.stack(ys))  # type: ignore[arg-type]
+            final_h.append(h)
+            if lstm:
+                final_c.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if module.dropout > 0 and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    output = layer_input
+    h_n = torch.stack(final_h)
+    c_n = torch.stack(final_c) if lstm else None
+    if not batched:
+        output, h_n = output.squeeze(1), h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if c_n is not None else None
+    elif module.batch_first:
+        output = output.transpose(0, 1)
+    return (output, (h_n, c_n)) if lstm else (output, h_n)
+
+
+def cell_forward(module: nn.RNNCellBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> Any:
+    """``module(input, hx)`` for an ``nn.RNNCell``, ``nn.GRUCell`` or ``nn.LSTMCell``, from vmappable operations.
+
+    Input ``[B, F]`` (or unbatched ``[F]``); returns ``h`` ``[B, H]`` (LSTM: ``(h, c)``).
+    """
+    batched = input.dim() == 2
+    if input.dim() not in (1, 2):
+        raise EnsembleError(
+            f"Ensemble: {type(module).__name__} expects a 1-D or 2-D input per member, got shape "
+            f"{list(input.shape)}."
+        )
+    if not batched:
+        input = input.unsqueeze(0)
+        hx = None if hx is None else tuple(h.unsqueeze(0) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(0)
+    lstm = isinstance(module, nn.LSTMCell)
+    if hx is None:
+        zeros = input.new_zeros(input.shape[0], module.hidden_size)
+        hx = (zeros, zeros) if lstm else zeros
+    gates_in = F.linear(input, module.weight_ih, module.bias_ih)
+    gates_h = F.linear(hx[0] if lstm else hx, module.weight_hh, module.bias_hh)
+    if lstm:
+        i, f, g, o = (gates_in + gates_h).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * hx[1] + torch.sigmoid(i) * torch.tanh(g)
+        out: Any = (torch.sigmoid(o) * torch.tanh(c), c)
+    elif isinstance(module, nn.GRUCell):
+        in_r, in_z, in_n = gates_in.chunk(3, dim=-1)
+        h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
+        r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+        n = torch.tanh(in_n + r * h_n)
+        out = n + z * (hx - n)
+    else:
+        out = torch.tanh(gates_in + gates_h) if module.nonlinearity == "tanh" else torch.relu(gates_in + gates_h)
+    if not batched:
+        out = tuple(t.squeeze(0) for t in out) if lstm else out.squeeze(0)
+    return out
+
+
+def embedding_forward(module: nn.Embedding, input: Tensor) -> Tensor:
+    """``module(input)`` for an ``nn.Embedding`` with ``padding_idx``, with the loop's gradients under vmap.
+
+    ``vmap``'s rule for the embedding backward ignores ``padding_idx`` when
+    every member has its own indices, so the padding rows would be trained.
+    Here the output at padding positions is detached instead: the same values,
+    and exactly no gradient for the padding row of any member.
+    """
+    out = F.embedding(input, module.weight, None, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    padding = (input == module.padding_idx).unsqueeze(-1)
+    return torch.where(padding, out.detach(), out)
+
+
+def make_runner(template: nn.Module) -> nn.Module:
+    """A copy of ``template`` (on the meta device) whose recurrent layers use :func:`rnn_forward`.
+
+    Only layers that keep torch's own ``forward`` are replaced; a subclass with
+    a forward of its own is left alone (and reported by the caller if ``vmap``
+    then fails).
+    """
+    from ._ensemble import meta_copy  # a cycle at import time otherwise
+
+    runner = meta_copy(template)
+    for module in runner.modules():
+        if isinstance(module, nn.RNNBase) and type(module).forward in _RNN_FORWARDS:
+            module.forward = functools.partial(rnn_forward, module)
+        elif isinstance(module, nn.RNNCellBase) and type(module).forward in _CELL_FORWARDS:
+            module.forward = functools.partial(cell_forward, module)
+        elif (
+            type(module).forward is nn.Embedding.forward
+            and module.padding_idx is not None
+            and module.max_norm is None  # max_norm rewrites the table in place: keep torch's forward
+        ):
+            module.forward = functools.partial(embedding_forward, module)
+    return runner
+
+
+class attention_settings:
+    """Attention that ``vmap`` batches, for the duration of one ensemble call.
+
+    Switches off the fused eval-mode kernels of ``nn.MultiheadAttention`` and
+    the transformer layers (they have no derivative under ``vmap``). On a
+    device other than CUDA, whose fused ``scaled_dot_product_attention``
+    kernels have batching rules, also switches off the fused backends, so
+    attention runs on the math backend: matrix products that ``vmap`` batches.
+    The previous settings are restored on exit. It costs about a microsecond,
+    so it wraps every call (a custom member may call
+    ``scaled_dot_product_attention`` itself).
+    """
+
+    def __init__(self, device: torch.device):
+        self.fused_sdpa_off = device.type != "cuda"
+
+    def __enter__(self) -> None:
+        self.saved = (
+            torch.backends.mha.get_fastpath_enabled(),
+            torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.cudnn_sdp_enabled(),
+        )
+        torch.backends.mha.set_fastpath_enabled(False)
+        if self.fused_sdpa_off:
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def __exit__(self, *exc: object) -> None:
+        fastpath, flash, efficient, cudnn = self.saved
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        if self.fused_sdpa_off:
+            torch.backends.cuda.enable_flash_sdp(flash)
+            torch.backends.cuda.enable_mem_efficient_sdp(efficient)
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
