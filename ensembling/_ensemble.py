@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
@@ -84,21 +88,96 @@ def _container_and_attr(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return module, attr
 
 
-def _fast_layers(template: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The layers of an ``nn.Sequential`` made only of Linear, Dropout and element-wise modules."""
-    if type(template) is not nn.Sequential or len(template) == 0:
-        return None
-    layers = list(template.named_children())
-    for _, layer in layers:
-        if type(layer) is nn.Linear:
-            continue
-        if type(layer) in _ELEMENTWISE or type(layer) is nn.Dropout:
-            if not list(layer.parameters(recurse=True)) and not list(layer.buffers()):
-                continue
-        return None
+# Element-wise functions a traced forward may apply between Linear layers.
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.tanh, F.sigmoid,
+    F.hardtanh, F.hardsigmoid, F.hardswish, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
+}  # fmt: skip
+_ELEMENTWISE_BUILTINS = {torch.relu, torch.tanh, torch.sigmoid}  # no extra arguments allowed
+_ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
+
+
+def _is_fast_leaf(layer: nn.Module) -> bool:
+    if type(layer) is nn.Linear:
+        return True
+    stateless = not list(layer.parameters(recurse=True)) and not list(layer.buffers())
+    return stateless and (type(layer) in _ELEMENTWISE or type(layer) is nn.Dropout)
+
+
+FastLayer = tuple[str, "nn.Module | Callable[[Tensor], Tensor]"]
+
+
+def _fast_layers(template: nn.Module) -> list[FastLayer] | None:
+    """The member as a chain of Linear, Dropout and element-wise steps, or None if it is not one.
+
+    An ``nn.Sequential`` of such layers is read directly. Any other module
+    whose leaves are all such layers (a custom MLP class, say) is traced with
+    :func:`torch.fx.symbolic_trace`; it qualifies when its forward takes one
+    input and applies those layers, or element-wise functions such as
+    ``F.relu`` / ``torch.tanh``, one after another.
+    """
+    if type(template) is nn.Sequential:
+        layers: list[FastLayer] = list(template.named_children())
+        if not layers or not all(_is_fast_leaf(layer) for _, layer in layers):
+            return None
+    else:
+        leaves = [m for m in template.modules() if not list(m.children())]
+        if not leaves or not all(_is_fast_leaf(m) for m in leaves) or any(
+            m._parameters or m._buffers for m in template.modules() if list(m.children())
+        ):
+            return None
+        layers_or_none = _traced_chain(template)
+        if layers_or_none is None:
+            return None
+        layers = layers_or_none
     if not any(isinstance(layer, nn.Linear) for _, layer in layers):
         return None
     return layers
+
+
+def _traced_chain(template: nn.Module) -> list[FastLayer] | None:
+    """Trace ``template.forward``; return its steps if they form a single chain of fast layers."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(template).graph
+    except Exception:  # dynamic control flow, unsupported Python: not a chain we can read
+        return None
+    nodes = list(graph.nodes)
+    if not nodes or nodes[0].op != "placeholder" or any(n.op == "placeholder" for n in nodes[1:]):
+        return None
+    previous, layers = nodes[0], []
+    for node in nodes[1:]:
+        if node.op == "output":
+            return layers if node.args[0] is previous else None
+        if node.all_input_nodes != [previous] or not node.args or node.args[0] is not previous:
+            return None
+        extra, kwargs = node.args[1:], dict(node.kwargs)
+        if node.op == "call_module" and not extra and not kwargs:
+            layers.append((node.target, template.get_submodule(node.target)))
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_BUILTINS and not extra and not kwargs:
+            layers.append((node.name, node.target))
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            try:
+                signature = inspect.signature(node.target)
+            except ValueError:  # a builtin (F.gelu): keyword arguments only
+                if extra:
+                    return None
+                arguments = kwargs
+            else:
+                try:
+                    arguments = dict(signature.bind(None, *extra, **kwargs).arguments)
+                except TypeError:
+                    return None
+                arguments.pop(next(iter(arguments)))  # the input itself
+            arguments.pop("inplace", None)  # the fast path decides what it may overwrite
+            layers.append((node.name, functools.partial(node.target, **arguments) if arguments else node.target))
+        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and not extra and not kwargs:
+            layers.append((node.name, getattr(torch, node.target)))
+        else:
+            return None
+        previous = node
+    return None
 
 
 class Ensemble(nn.Module):
@@ -138,11 +217,13 @@ class Ensemble(nn.Module):
         Passed to :func:`torch.vmap`: evaluate this many members at a time,
         trading speed for peak memory. ``None`` evaluates all at once.
     fast_path : bool, default True
-        When the member is an ``nn.Sequential`` of ``nn.Linear``, ``nn.Dropout``
-        and element-wise activations, evaluate it with batched matrix products
+        When the member is a chain of ``nn.Linear``, ``nn.Dropout`` and
+        element-wise activations (an ``nn.Sequential`` of them, or any module
+        whose forward applies them one after another, such as a custom MLP
+        class using ``F.relu``), evaluate it with batched matrix products
         (:func:`torch.baddbmm`) instead of ``vmap``: the same results, with the
-        per-layer overhead of ``vmap`` removed. Other architectures always use
-        ``vmap``.
+        per-layer overhead of ``vmap`` removed. Other architectures use
+        ``vmap``; ``print(ens)`` shows which path (``path=baddbmm`` or ``vmap``).
     seed : int, optional
         Initialize member ``i`` from its own seed derived from ``(seed, i)``,
         one member after another, instead of drawing all members in one
@@ -453,10 +534,8 @@ class Ensemble(nn.Module):
         # Above about a million elements per stacked weight, copying a transposed
         # gradient (and allocating fresh memory for it every step) costs more than
         # the transposed layout's slightly slower small products; see _forward_fast.
-        self._fast_weights_are_large = layers is not None and any(
-            self.named_stacked_parameters()[f"{name}.weight"].numel() >= 2**20
-            for name, layer in layers
-            if isinstance(layer, nn.Linear)
+        self._fast_weights_are_large = self._fast is not None and any(
+            getattr(step[2], step[3]).numel() >= 2**20 for step in self._fast if step[0] == "linear"
         )
         self.train(prototype.training)
 
@@ -635,8 +714,10 @@ class Ensemble(nn.Module):
         params = self.named_stacked_parameters()
         buffers = self.named_stacked_buffers()
         key = (dims, randomness, chunk_size)
+        compiling = torch.compiler.is_compiling()
         try:
-            batched = self._vmap_cache.get(key)
+            # (torch.compile traces the vmap anyway; a cache it reads would make it recompile when filled.)
+            batched = None if compiling else self._vmap_cache.get(key)
         except TypeError:  # nested in_dims (lists) are not hashable: build it for this call
             key, batched = None, None
         if batched is None:
@@ -647,11 +728,14 @@ class Ensemble(nn.Module):
                 return functional_call(runner, (p, b), member_args, member_kwargs)
 
             batched = torch.vmap(member_forward, in_dims=(0, 0, *dims), randomness=randomness, chunk_size=chunk_size)
-            if key is not None:
+            if key is not None and not compiling:
                 self._vmap_cache[key] = batched
-        if torch.compiler.is_compiling():  # the settings are global flags: set them outside the compiled call
-            return batched(params, buffers, *args, **kwargs)
         device = next(iter({**params, **buffers}.values())).device
+        if compiling:  # attention_settings' switches cannot be traced; sdpa_kernel can
+            if device.type == "cuda":
+                return batched(params, buffers, *args, **kwargs)
+            with sdpa_kernel([SDPBackend.MATH]):
+                return batched(params, buffers, *args, **kwargs)
         try:
             with attention_settings(device):
                 return batched(params, buffers, *args, **kwargs)
@@ -667,7 +751,7 @@ class Ensemble(nn.Module):
         suspects = [
             f"{name or '<root>'} ({type(module).__name__})"
             for name, module in self._runner.named_modules()
-            if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and "forward" not in module.__dict__
+            if isinstance(module, (nn.RNNBase, nn.RNNCellBase))  # the ones make_runner could not replace
         ] or [
             f"{name or '<root>'} ({type(module).__name__})"
             for name, module in self._runner.named_modules()
@@ -724,12 +808,18 @@ class Ensemble(nn.Module):
                     )
         return dims
 
-    def _plan(self, layers: list[tuple[str, nn.Module]]) -> list[tuple[Any, ...]]:
+    def _plan(self, layers: list[FastLayer]) -> list[tuple[Any, ...]]:
         """Steps of the fast path: where each Linear's stacked weight and bias live, and the rest."""
-        slots = {name: (container, attr) for name, container, attr in self._param_slots}
+        slots = {
+            alias: (container, attr)  # tied parameters are stored once, under their first name
+            for name, container, attr in self._param_slots
+            for alias in self._aliases[name]
+        }
         plan: list[tuple[Any, ...]] = []
         for name, layer in layers:
-            if isinstance(layer, nn.Linear):
+            if not isinstance(layer, nn.Module):  # an element-wise function from a traced forward
+                plan.append(("relu",) if layer in (torch.relu, F.relu) else ("elementwise", layer))
+            elif isinstance(layer, nn.Linear):
                 bias = slots.get(f"{name}.bias")
                 plan.append(("linear", name, *slots[f"{name}.weight"], *(bias or (None, None))))
             elif isinstance(layer, nn.Dropout):

@@ -26,7 +26,6 @@ Nothing here loops over members.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -37,8 +36,6 @@ from ._errors import EnsembleError
 
 __all__ = ["attention_settings", "cell_forward", "embedding_forward", "make_runner", "rnn_forward"]
 
-_RNN_FORWARDS = {nn.RNN.forward, nn.GRU.forward, nn.LSTM.forward}
-_CELL_FORWARDS = {nn.RNNCell.forward, nn.GRUCell.forward, nn.LSTMCell.forward}
 
 
 def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> Any:
@@ -147,7 +144,8 @@ def cell_forward(module: nn.RNNCellBase, input: Tensor, hx: Tensor | tuple[Tenso
     if not batched:
         input = input.unsqueeze(0)
         hx = None if hx is None else tuple(h.unsqueeze(0) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(0)
-    lstm = isinstance(module, nn.LSTMCell)
+    kind = module.__dict__.get("_cell_kind") or _CELL_KINDS[type(module)]
+    lstm = kind == "LSTM"
     if hx is None:
         zeros = input.new_zeros(input.shape[0], module.hidden_size)
         hx = (zeros, zeros) if lstm else zeros
@@ -157,7 +155,7 @@ def cell_forward(module: nn.RNNCellBase, input: Tensor, hx: Tensor | tuple[Tenso
         i, f, g, o = (gates_in + gates_h).chunk(4, dim=-1)
         c = torch.sigmoid(f) * hx[1] + torch.sigmoid(i) * torch.tanh(g)
         out: Any = (torch.sigmoid(o) * torch.tanh(c), c)
-    elif isinstance(module, nn.GRUCell):
+    elif kind == "GRU":
         in_r, in_z, in_n = gates_in.chunk(3, dim=-1)
         h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
         r, z = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
@@ -183,27 +181,60 @@ def embedding_forward(module: nn.Embedding, input: Tensor) -> Tensor:
     return torch.where(padding, out.detach(), out)
 
 
-def make_runner(template: nn.Module) -> nn.Module:
-    """A copy of ``template`` (on the meta device) whose recurrent layers use :func:`rnn_forward`.
+class _Recurrent(nn.Module):
+    """Takes the place of an ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` in the runner (same attributes and parameters).
 
-    Only layers that keep torch's own ``forward`` are replaced; a subclass with
-    a forward of its own is left alone (and reported by the caller if ``vmap``
-    then fails).
+    A different class, not a patched instance: ``torch.compile`` refuses to
+    trace anything that is still an ``nn.RNNBase``.
+    """
+
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
+        return rnn_forward(self, input, hx)  # type: ignore[arg-type]
+
+
+class _Cell(nn.Module):
+    """Takes the place of an ``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell`` in the runner."""
+
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
+        return cell_forward(self, input, hx)  # type: ignore[arg-type]
+
+
+class _Embedding(nn.Module):
+    """Takes the place of an ``nn.Embedding`` with ``padding_idx`` in the runner."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return embedding_forward(self, input)  # type: ignore[arg-type]
+
+
+_CELL_KINDS = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU", nn.RNNCell: "RNN"}
+
+
+def make_runner(template: nn.Module) -> nn.Module:
+    """A copy of ``template`` (on the meta device) with vectorizable stand-ins for the layers vmap cannot batch.
+
+    Only torch's own classes are replaced (by changing the instance's class:
+    attributes and parameters stay where they are); a subclass with a forward
+    of its own is left alone, and reported by :class:`~ensembling.Ensemble` if
+    ``vmap`` then fails.
     """
     from ._ensemble import meta_copy  # a cycle at import time otherwise
 
     runner = meta_copy(template)
     for module in runner.modules():
-        if isinstance(module, nn.RNNBase) and type(module).forward in _RNN_FORWARDS:
-            module.forward = functools.partial(rnn_forward, module)
-        elif isinstance(module, nn.RNNCellBase) and type(module).forward in _CELL_FORWARDS:
-            module.forward = functools.partial(cell_forward, module)
-        elif (
-            type(module).forward is nn.Embedding.forward
-            and module.padding_idx is not None
-            and module.max_norm is None  # max_norm rewrites the table in place: keep torch's forward
-        ):
-            module.forward = functools.partial(embedding_forward, module)
+        kind = type(module)
+        if kind in (nn.RNN, nn.GRU, nn.LSTM):
+            module.__class__ = _Recurrent
+            for cached in ("_flat_weights", "_flat_weight_refs"):  # for cuDNN (weakrefs: unpicklable)
+                module.__dict__.pop(cached, None)
+        elif kind in _CELL_KINDS:
+            module._cell_kind = _CELL_KINDS[kind]
+            module.__class__ = _Cell
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            # Read only by the fused fast-path checks: 0 turns them off in a way
+            # torch.compile can trace (attention_settings' global switch it cannot).
+            module.activation_relu_or_gelu = 0
+        elif kind is nn.Embedding and module.padding_idx is not None and module.max_norm is None:
+            module.__class__ = _Embedding  # (max_norm rewrites the table in place: keep torch's forward)
     return runner
 
 

@@ -209,7 +209,7 @@ def test_members_and_copies_keep_torchs_own_layers() -> None:
     models = _members(ARCHITECTURES["lstm_2layers"], train=False)
     ens = Ensemble.from_modules(models)
     member = ens[1]
-    assert "forward" not in member.__dict__ and type(member) is nn.LSTM
+    assert type(member) is nn.LSTM and type(ens._runner) is not nn.LSTM
     x = torch.randn(BATCH, 5, 4)
     for clone in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
         torch.testing.assert_close(clone(x)[0], ens(x)[0])
@@ -293,3 +293,47 @@ def test_fast_layers_recognized_in_custom_classes_match_vmap() -> None:
         ref.square().sum().backward()
     for (name, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+class _CustomMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+COMPILED = {
+    "custom_mlp": (_CustomMLP, lambda: torch.randn(BATCH, 6)),
+    "batchnorm2d_cnn": (ARCHITECTURES["batchnorm2d_cnn"].factory, lambda: torch.randn(BATCH, 2, 6, 6)),
+    "lstm_forecaster": (ARCHITECTURES["lstm_forecaster"].factory, lambda: torch.randn(BATCH, 8, 1)),
+    "transformer_classifier": (ARCHITECTURES["transformer_classifier"].factory, lambda: torch.randint(0, 20, (BATCH, 6))),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_fullgraph_compiled_once(name: str, train: bool) -> None:
+    """torch.compile(ens, fullgraph=True): no graph break, one compilation for repeated calls, eager's results."""
+    from torch._dynamo.testing import CompileCounter
+
+    factory, make_input = COMPILED[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ens = Ensemble(factory, MEMBERS).train(train)
+    eager = copy.deepcopy(ens)
+    counter = CompileCounter()  # counts compilations, runs the graphs eagerly: fast
+    compiled = torch.compile(ens, backend=counter, fullgraph=True)
+    for _ in range(3):
+        x = make_input()
+        out, ref = compiled(x), eager(x)
+        torch.testing.assert_close(out, ref, **TOL)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+    assert counter.frame_count == 1
+    for (key, a), (_, b) in zip(ens.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{key}: {m}")
