@@ -88,29 +88,35 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Te
             index = layer * directions + direction
             h = h0[index]
             c = c0[index] if lstm else None
-            # The input's contribution to every gate at every step: one product.
-            gates_in = F.linear(layer_input, w_ih, b_ih)  # [T, B, gates * hidden]
+            # The input's contribution to every gate at every step: one product. The
+            # hidden bias joins it there, except for the GRU's candidate gate, which
+            # multiplies it by the reset gate.
+            gru = mode == "GRU"
+            both = b_ih + b_hh if b_ih is not None and not gru else b_ih
+            gates_in = F.linear(layer_input, w_ih, both).contiguous()  # [T, B, gates * hidden], step-major
+            w_hh_t = w_hh.t()
             order = range(steps - 1, -1, -1) if direction else range(steps)
             ys: list[Tensor | None] = [None] * steps
+            hidden = module.hidden_size
             for t in order:
-                gates_h = F.linear(h, w_hh, b_hh)  # [B, gates * hidden]
                 if lstm:
-                    i, f, g, o = (gates_in[t] + gates_h).chunk(4, dim=-1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h = torch.sigmoid(o) * torch.tanh(c)
+                    gates = torch.addmm(gates_in[t], h, w_hh_t)  # [B, 4 * hidden]: i, f, g, o
+                    act = torch.sigmoid(gates)  # (the g slice is not used)
+                    g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+                    c = torch.addcmul(act[:, hidden : 2 * hidden] * c, act[:, :hidden], g)
+                    h = act[:, 3 * hidden :] * torch.tanh(c)
                     if w_hr is not None:
-                        h = F.linear(h, w_hr)
-                elif mode == "GRU":
-                    in_r, in_z, in_n = gates_in[t].chunk(3, dim=-1)
-                    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
-                    r = torch.sigmoid(in_r + h_r)
-                    z = torch.sigmoid(in_z + h_z)
-                    n = torch.tanh(in_n + r * h_n)
+                        h = h @ w_hr.t()
+                elif gru:
+                    gates_h = torch.mm(h, w_hh_t) if b_hh is None else torch.addmm(b_hh, h, w_hh_t)
+                    rz = torch.sigmoid(gates_in[t, :, : 2 * hidden] + gates_h[:, : 2 * hidden])
+                    r, z = rz[:, :hidden], rz[:, hidden:]
+                    n = torch.tanh(torch.addcmul(gates_in[t, :, 2 * hidden :], r, gates_h[:, 2 * hidden :]))
                     h = n + z * (h - n)  # (1 - z) * n + z * h
                 elif mode == "RNN_TANH":
-                    h = torch.tanh(gates_in[t] + gates_h)
+                    h = torch.tanh(torch.addmm(gates_in[t], h, w_hh_t))
                 else:  # RNN_RELU
-                    h = torch.relu(gates_in[t] + gates_h)
+                    h = torch.relu(torch.addmm(gates_in[t], h, w_hh_t))
                 ys[t] = h
             outputs.append(torch.stack(ys))  # type: ignore[arg-type]
             final_h.append(h)

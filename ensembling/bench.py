@@ -13,6 +13,10 @@ with ratios:
 * a **training step** (forward, backward, Adam) for the same configurations:
   a loop of separate models and optimizers versus one ``Ensemble`` and one
   optimizer;
+* **real architectures** (section ``zoo``): a custom MLP class, a BatchNorm
+  CNN, a transformer classifier, multi-head attention, an LSTM forecaster, a
+  bidirectional GRU and an embedding model, 16 members each: a loop of modules
+  versus one ``Ensemble``, inference and a training step, with the ratios;
 * **initialization** of 1,000 members of the 784-128-128-10 MLP: building the
   modules and stacking them versus ``Ensemble(factory, 1000)``, time and peak
   memory (each measured in a fresh subprocess);
@@ -24,7 +28,7 @@ Times are medians from :func:`ensembling.measure`. Nothing here is asserted:
 the numbers are for reading, and differ between machines.
 
 Options: ``--quick`` (shorter timing, no ``torch.compile``), ``--no-compile``,
-``--sections inference,training,init,distributed``, ``--min-run-time SECONDS``.
+``--sections inference,training,zoo,init,distributed``, ``--min-run-time SECONDS``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ def mlp(in_features: int, hidden: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+class CustomMLP(nn.Module):
+    """The benchmarked MLP as a custom class (forward with ``F.relu``), sharing ``seq``'s layers."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = seq[0], seq[2], seq[4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -86,6 +101,7 @@ class _Setup:
         self.base = copy.deepcopy(self.models[0]).to("meta")
         self.ensemble = Ensemble.from_modules(self.models)
         self.ensemble_vmap = Ensemble.from_modules(self.models, fast_path=False)
+        self.ensemble_custom = Ensemble.from_modules([CustomMLP(m) for m in self.models])
 
     def inputs(self) -> tuple[torch.Tensor, Any]:
         return (self.x, None) if self.shared else (self.xs, 0)
@@ -138,8 +154,8 @@ class _Setup:
 
 def inference(device: torch.device, min_run_time: float, use_compile: bool) -> str:
     header = ["members", "batch", "in", "hidden", "input", "loop", "vmap", "Ens(vmap)", "Ens(best)",
-              "compiled", "baddbmm", "tensordict", "Ens(vmap)/vmap", "best/baddbmm",
-              "best/tensordict", "loop/best"]  # fmt: skip
+              "Ens(custom)", "compiled", "baddbmm", "tensordict", "Ens(vmap)/vmap", "best/baddbmm",
+              "custom/baddbmm", "best/tensordict", "loop/best"]  # fmt: skip
     rows = []
     for config in CONFIGS:
         for shared in (True, False):
@@ -150,6 +166,7 @@ def inference(device: torch.device, min_run_time: float, use_compile: bool) -> s
                 "vmap": s.raw_vmap(),
                 "Ens(vmap)": lambda s=s, x=x, d=in_dims: s.ensemble_vmap(x, in_dims=d),
                 "Ens(best)": lambda s=s, x=x, d=in_dims: s.ensemble(x, in_dims=d),
+                "Ens(custom)": lambda s=s, x=x, d=in_dims: s.ensemble_custom(x, in_dims=d),
                 "compiled": None,
                 "baddbmm": s.baddbmm(),
                 "tensordict": s.tensordict(),
@@ -172,7 +189,8 @@ def inference(device: torch.device, min_run_time: float, use_compile: bool) -> s
                 *map(str, config), "shared" if shared else "per-member",
                 *(format_seconds(t.median) if t else "-" for t in times.values()),
                 _ratio(times["Ens(vmap)"], times["vmap"]), _ratio(best, times["baddbmm"]),
-                _ratio(best, times["tensordict"]), _ratio(times["loop"], best),
+                _ratio(times["Ens(custom)"], times["baddbmm"]), _ratio(best, times["tensordict"]),
+                _ratio(times["loop"], best),
             ])  # fmt: skip
             print(f"  inference {config} {'shared' if shared else 'per-member'} done", file=sys.stderr, flush=True)
     return _table(
@@ -213,6 +231,82 @@ def training(device: torch.device, min_run_time: float) -> str:
             print(f"  training {config} {'shared' if shared else 'per-member'} done", file=sys.stderr, flush=True)
     return _table(
         f"Training step (forward + backward + Adam{'(fused=True)' if fused else ''}): median time per step",
+        header, rows,
+    )
+
+
+def _bench_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def zoo_configs() -> dict[str, tuple[Callable[[], nn.Module], Callable[..., tuple[torch.Tensor, ...]]]]:
+    """The zoo section's architectures at benchmark sizes, each with its input maker (see ``_zoo``)."""
+    from . import _zoo
+
+    return {
+        "custom MLP 32-64-64-10": (lambda: CustomMLP(mlp(32, 64)), _zoo._normal(32)),
+        "BatchNorm CNN 16x16": (_bench_cnn, _zoo._normal(1, 16, 16)),
+        "transformer classifier": (lambda: _zoo.TransformerClassifier(vocab=100, dim=32, heads=4, layers=2, seq=16, classes=5), _zoo._tokens(16, 100)),
+        "multihead attention": (lambda: nn.MultiheadAttention(32, 4, batch_first=True), lambda lead, batch, gen: (torch.randn(*lead, batch, 16, 32, generator=gen),) * 3),
+        "LSTM forecaster": (lambda: _zoo.LSTMForecaster(features=1, hidden=32, layers=2), _zoo._seq(24, 1)),
+        "GRU bidirectional": (lambda: nn.GRU(8, 32, batch_first=True, bidirectional=True), _zoo._seq(24, 8)),
+        "embedding bag-of-words": (lambda: _zoo.EmbeddingBagOfWords(vocab=1000, dim=32, classes=5), _zoo._tokens(16, 1000)),
+    }
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def zoo(device: torch.device, min_run_time: float, members: int = 16, batch: int = 32) -> str:
+    """Loop versus Ensemble for real architectures: inference (eval, no grad) and a training step."""
+    header = ["architecture", "members", "loop fwd", "Ens fwd", "loop/Ens fwd", "loop step", "Ens step", "loop/Ens step", "path"]
+    rows = []
+    fused = {"fused": True} if device.type in ("cpu", "cuda", "mps") else {}
+    for name, (factory, make_inputs) in zoo_configs().items():
+        torch.manual_seed(0)
+        models = [factory().to(device) for _ in range(members)]
+        ens = Ensemble.from_modules(models)
+        gen = torch.Generator().manual_seed(0)
+        args = tuple(a.to(device) for a in make_inputs((), batch, gen))
+        tol = tolerances(torch.float32, device, op="conv" if "CNN" in name else "matmul")
+        for m in (*models, ens):
+            m.eval()
+        with torch.no_grad():
+            expected = torch.stack([_first(m(*args)) for m in models])
+            torch.testing.assert_close(_first(ens(*args)), expected, **tol, msg=lambda m, n=name: f"{n}: {m}")
+            t_loop = measure(lambda: [m(*args) for m in models], device=device, min_run_time=min_run_time)
+            t_ens = measure(lambda: ens(*args), device=device, min_run_time=min_run_time)
+        for m in (*models, ens):
+            m.train()
+        optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, **fused) for m in models]
+        ens_opt = torch.optim.Adam(ens.parameters(), lr=1e-3, **fused)
+
+        def loop_step() -> None:
+            for model, opt in zip(models, optimizers):
+                opt.zero_grad(set_to_none=True)
+                _first(model(*args)).square().mean().backward()
+                opt.step()
+
+        def ensemble_step() -> None:
+            ens_opt.zero_grad(set_to_none=True)
+            out = _first(ens(*args))  # [members, ...]: each member's mean, summed
+            out.square().flatten(1).mean(dim=1).sum().backward()
+            ens_opt.step()
+
+        s_loop = measure(loop_step, device=device, min_run_time=min_run_time)
+        s_ens = measure(ensemble_step, device=device, min_run_time=min_run_time)
+        path = "baddbmm" if "path=baddbmm" in ens.extra_repr() else "vmap"
+        rows.append([name, str(members), format_seconds(t_loop.median), format_seconds(t_ens.median), _ratio(t_loop, t_ens),
+                     format_seconds(s_loop.median), format_seconds(s_ens.median), _ratio(s_loop, s_ens), path])  # fmt: skip
+        print(f"  zoo {name} done", file=sys.stderr, flush=True)
+    return _table(
+        f"Real architectures, batch {batch}: loop of {members} modules vs one Ensemble "
+        "(forward in eval mode without grad; training step = forward + backward + Adam)",
         header, rows,
     )
 
@@ -373,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ensembling.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--sections", default="inference,training,init,distributed")
+    parser.add_argument("--sections", default="inference,training,zoo,init,distributed")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--init-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -386,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     use_compile = not (args.quick or args.no_compile)
     sections = {s.strip() for s in args.sections.split(",")}
-    unknown = sections - {"inference", "training", "init", "distributed"}
+    unknown = sections - {"inference", "training", "zoo", "init", "distributed"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads\n")
@@ -394,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         print(inference(device, min_run_time, use_compile), flush=True)
     if "training" in sections:
         print(training(device, min_run_time), flush=True)
+    if "zoo" in sections:
+        print(zoo(device, min_run_time), flush=True)
     if "init" in sections:
         print(initialization(device), flush=True)
     if "distributed" in sections:
