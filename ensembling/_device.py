@@ -56,11 +56,24 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def _tf32_enabled(device: torch.device, op: str) -> bool:
+    """Whether float32 ``op`` ("matmul" or "conv") on ``device`` may run in TF32.
+
+    Reads the ``fp32_precision`` settings (PyTorch 2.9+: the operation's own,
+    then the global one) before the legacy ``allow_tf32`` flags, whose getters
+    raise once the new API has been used.
+    """
     if device.type != "cuda":
         return False
-    if op == "conv":
-        return bool(torch.backends.cudnn.allow_tf32)
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    backend = torch.backends.cudnn.conv if op == "conv" else torch.backends.cuda.matmul
+    for precision in (getattr(backend, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        if op == "conv":
+            return bool(torch.backends.cudnn.allow_tf32)
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # settings PyTorch cannot reconcile: assume the looser precision
+        return True
 
 
 def tolerances(

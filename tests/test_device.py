@@ -47,6 +47,22 @@ def test_tf32_loosens_cuda_float32_only_when_enabled() -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="PyTorch < 2.9")
+def test_tolerances_read_the_fp32_precision_api() -> None:
+    """With TF32 set through fp32_precision (whose use makes the legacy getters raise), tolerances follow it."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        assert ensembling.tolerances(torch.float32, "cuda")["rtol"] == 1e-2
+        assert ensembling.tolerances(torch.float32, "cuda", op="conv")["rtol"] == 1e-5
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert ensembling.tolerances(torch.float32, "cuda")["rtol"] == 1e-5
+        assert ensembling.tolerances(torch.float32, "cpu")["rtol"] == 1e-5
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
 def test_other_accelerators_get_a_looser_float32_tolerance() -> None:
     """float32 on a backend we cannot inspect (MPS) is compared at 1e-4."""
     assert ensembling.tolerances(torch.float32, "mps")["rtol"] == 1e-4
