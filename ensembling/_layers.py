@@ -93,7 +93,10 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Te
             # multiplies it by the reset gate.
             gru = mode == "GRU"
             both = b_ih + b_hh if b_ih is not None and not gru else b_ih
-            gates_in = F.linear(layer_input, w_ih, both).contiguous()  # [T, B, gates * hidden], step-major
+            # (A 2-D product on [T * B, F]: F.linear on the 3-D batched tensor fails under
+            # torch.compile with dynamic shapes.)
+            flat = layer_input.reshape(steps * batch, layer_input.shape[-1])
+            gates_in = (torch.mm(flat, w_ih.t()) if both is None else torch.addmm(both, flat, w_ih.t())).view(steps, batch, -1)
             w_hh_t = w_hh.t()
             order = range(steps - 1, -1, -1) if direction else range(steps)
             ys: list[Tensor | None] = [None] * steps

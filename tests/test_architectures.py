@@ -337,3 +337,18 @@ def test_torch_compile_fullgraph_compiled_once(name: str, train: bool) -> None:
     assert counter.frame_count == 1
     for (key, a), (_, b) in zip(ens.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_with_dynamic_shapes(name: str) -> None:
+    """A compiled ensemble with a symbolic batch size (dynamic=True, as dynamo picks after a shape change) stays fullgraph and correct."""
+    factory, _ = COMPILED[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ens = Ensemble(factory, MEMBERS).eval()
+    compiled = torch.compile(ens, backend="eager", fullgraph=True, dynamic=True)
+    for batch in (4, 7):
+        x = {"custom_mlp": lambda: torch.randn(batch, 6), "batchnorm2d_cnn": lambda: torch.randn(batch, 2, 6, 6),
+             "lstm_forecaster": lambda: torch.randn(batch, 8, 1), "transformer_classifier": lambda: torch.randint(0, 20, (batch, 6))}[name]()  # fmt: skip
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), ens(x), **TOL)
