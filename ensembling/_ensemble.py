@@ -284,7 +284,10 @@ class Ensemble(nn.Module):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise EnsembleError(f"Ensemble: seed must be an int or None, got {type(seed).__name__}.")
         if seed is not None:
-            with torch.random.fork_rng():  # a seeded ensemble leaves the global generator alone
+            # A seeded ensemble leaves the global generators alone: the CPU's, and the
+            # current CUDA device's if CUDA is in use (never every GPU, nor starting CUDA).
+            cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=cuda):
                 prototype = factory()
         else:
             prototype = factory()

@@ -353,7 +353,7 @@ def _main_module_hidden() -> Any:
     """Start processes without making them re-run the parent's ``__main__`` script.
 
     ``spawn`` normally re-imports the parent's main script in each child, which
-    re-runs an unguarded script (a tutorial run as ``python plot_08_....py``) and
+    re-runs an unguarded script (a tutorial run as ``python plot_09_....py``) and
     fails. ``launch`` only sends importable functions, so the children do not
     need it: while they start, ``__main__`` does not say where it came from.
     """
