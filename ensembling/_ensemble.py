@@ -126,13 +126,27 @@ def _fast_layers(template: nn.Module) -> list[FastLayer] | None:
             m._parameters or m._buffers for m in template.modules() if list(m.children())
         ):
             return None
-        layers_or_none = _traced_chain(template)
-        if layers_or_none is None:
+        # Tracing bakes Python control flow in, e.g. `if not self.training:`; the
+        # chain must be the same in both modes, or the fast path would follow one
+        # mode's steps in the other.
+        was_training = template.training
+        chains = [_traced_chain(template.train(mode)) for mode in (True, False)]
+        template.train(was_training)
+        if chains[0] is None or chains[1] is None or _steps(chains[0]) != _steps(chains[1]):
             return None
-        layers = layers_or_none
+        layers = chains[0]
     if not any(isinstance(layer, nn.Linear) for _, layer in layers):
         return None
     return layers
+
+
+def _steps(layers: list[FastLayer]) -> list[tuple[Any, ...]]:
+    """What a chain computes, comparable between two traces: modules by name, functions by identity and arguments."""
+    return [
+        (name,) if isinstance(layer, nn.Module)
+        else (getattr(layer, "func", layer), sorted(getattr(layer, "keywords", {}).items()))
+        for name, layer in layers
+    ]  # fmt: skip
 
 
 def _traced_chain(template: nn.Module) -> list[FastLayer] | None:
@@ -259,9 +273,36 @@ class Ensemble(nn.Module):
         chunk_size: int | None = None,
         fast_path: bool = True,
         seed: int | None = None,
-        _members: range | None = None,
     ) -> None:
         super().__init__()
+        self._build(factory, num_members, None, device, dtype, randomness, chunk_size, fast_path, seed)
+
+    @classmethod
+    def _shard(
+        cls, factory: Callable[[], nn.Module], num_members: int, members: range, seed: int, **options: Any
+    ) -> Ensemble:
+        """Members ``members`` (a block of ``range(num_members)``) of ``Ensemble(factory, num_members, seed=seed)``."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._build(
+            factory, num_members, members, options.pop("device", None), options.pop("dtype", None),
+            options.pop("randomness", "different"), options.pop("chunk_size", None),
+            options.pop("fast_path", True), seed, **options,
+        )
+        return self
+
+    def _build(
+        self,
+        factory: Callable[[], nn.Module],
+        num_members: int,
+        members: range | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        randomness: Randomness,
+        chunk_size: int | None,
+        fast_path: bool,
+        seed: int | None,
+    ) -> None:
         if isinstance(num_members, bool) or not isinstance(num_members, int):
             raise EnsembleError(
                 f"Ensemble: num_members must be an int, got {type(num_members).__name__}; "
@@ -297,7 +338,7 @@ class Ensemble(nn.Module):
             )
         if device is not None or dtype is not None:
             prototype = prototype.to(device=device, dtype=dtype)
-        members = range(num_members) if _members is None else _members
+        members = range(num_members) if members is None else members
         if seed is None:
             params, buffers = self._init_members(prototype, num_members)
         else:

@@ -38,6 +38,16 @@ __all__ = ["attention_settings", "cell_forward", "embedding_forward", "make_runn
 
 
 
+def _is_batched(module: nn.Module, input: Tensor, batched_dims: int) -> bool:
+    """Whether one member's ``input`` has a batch dimension (``batched_dims`` of them) or not (one fewer)."""
+    if input.dim() not in (batched_dims - 1, batched_dims):
+        raise EnsembleError(
+            f"Ensemble: {type(module).__name__} expects a {batched_dims - 1}-D or {batched_dims}-D input "
+            f"per member, got shape {list(input.shape)}."
+        )
+    return input.dim() == batched_dims
+
+
 def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> Any:
     """``module(input, hx)`` for an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``, from vmappable operations.
 
@@ -54,12 +64,7 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Te
     """
     mode = module.mode
     lstm = mode == "LSTM"
-    batched = input.dim() == 3
-    if input.dim() not in (2, 3):
-        raise EnsembleError(
-            f"Ensemble: {type(module).__name__} expects a 2-D or 3-D input per member, got shape "
-            f"{list(input.shape)}."
-        )
+    batched = _is_batched(module, input, 3)
     if not batched:
         input = input.unsqueeze(1)
     elif module.batch_first:
@@ -144,12 +149,7 @@ def cell_forward(module: nn.RNNCellBase, input: Tensor, hx: Tensor | tuple[Tenso
 
     Input ``[B, F]`` (or unbatched ``[F]``); returns ``h`` ``[B, H]`` (LSTM: ``(h, c)``).
     """
-    batched = input.dim() == 2
-    if input.dim() not in (1, 2):
-        raise EnsembleError(
-            f"Ensemble: {type(module).__name__} expects a 1-D or 2-D input per member, got shape "
-            f"{list(input.shape)}."
-        )
+    batched = _is_batched(module, input, 2)
     if not batched:
         input = input.unsqueeze(0)
         hx = None if hx is None else tuple(h.unsqueeze(0) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(0)

@@ -159,9 +159,7 @@ class ShardedEnsemble(nn.Module):
         self.num_members = num_members
         self.members = shard_members(num_members, world_size, rank)
         self.seed = seed
-        self.local = Ensemble(
-            factory, num_members, seed=seed, device=device, _members=self.members, **ensemble_options
-        )
+        self.local = Ensemble._shard(factory, num_members, self.members, seed, device=device, **ensemble_options)
 
     def __len__(self) -> int:
         return self.num_members

@@ -37,6 +37,13 @@ def _leaves(output: object) -> list[Tensor]:
     return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
 
 
+def _setup(name: str, train: bool, per_member: bool) -> tuple[list[nn.Module], Ensemble, tuple[Tensor, ...]]:
+    """Members of architecture ``name``, their ensemble and a batch of inputs."""
+    arch = ARCHITECTURES[name]
+    models = _members(arch, train)
+    return models, Ensemble.from_modules(models), _inputs(arch, per_member)
+
+
 def _loop(models: list[nn.Module], args: tuple[Tensor, ...], per_member: bool) -> list[Tensor]:
     """Run each member alone; stack each output leaf along a new member dimension."""
     outputs = [_leaves(m(*(a[i] for a in args) if per_member else args)) for i, m in enumerate(models)]
@@ -57,10 +64,7 @@ def no_fallback_loops() -> Iterator[None]:
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_forward_equals_the_loop(name: str, train: bool, per_member: bool) -> None:
     """Outputs (every leaf: LSTM states, attention weights) and updated buffers equal the loop's."""
-    arch = ARCHITECTURES[name]
-    models = _members(arch, train)
-    ens = Ensemble.from_modules(models)
-    args = _inputs(arch, per_member)
+    models, ens, args = _setup(name, train, per_member)
     with torch.no_grad():  # lets the loop take the fused inference kernels
         expected = _loop(models, args, per_member)
         got = _leaves(ens(*args, in_dims=0 if per_member else None))
@@ -76,10 +80,7 @@ def test_forward_equals_the_loop(name: str, train: bool, per_member: bool) -> No
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_gradients_equal_the_loop(name: str, train: bool, per_member: bool) -> None:
     """Each member's parameter gradients equal those of the member trained alone."""
-    arch = ARCHITECTURES[name]
-    models = _members(arch, train)
-    ens = Ensemble.from_modules(models)
-    args = _inputs(arch, per_member)
+    models, ens, args = _setup(name, train, per_member)
     outputs = _leaves(ens(*args, in_dims=0 if per_member else None))
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(o.shape, generator=gen) for o in outputs]  # a loss that mixes every output
@@ -352,3 +353,24 @@ def test_torch_compile_with_dynamic_shapes(name: str) -> None:
              "lstm_forecaster": lambda: torch.randn(batch, 8, 1), "transformer_classifier": lambda: torch.randint(0, 20, (batch, 6))}[name]()  # fmt: skip
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), ens(x), **TOL)
+
+
+def test_a_forward_that_branches_on_the_mode_is_not_taken_for_a_chain() -> None:
+    """A forward whose steps depend on self.training runs under vmap, and equals the loop in both modes."""
+
+    class ModeDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.fc(x)
+            return torch.sigmoid(x) if not self.training else x  # traced in one mode, this is a chain
+
+    torch.manual_seed(0)
+    ens = Ensemble(ModeDependent, MEMBERS)
+    assert "path=vmap" in repr(ens)
+    x = torch.randn(BATCH, 4)
+    for train in (True, False):
+        members = ens.train(train).unstack()
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]), **TOL)
