@@ -25,3 +25,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # environment), not whatever "python3" kernel happens to be registered.
     if not option.nbval_kernel_name:
         option.nbval_current_env = True
+    build_matplotlib_font_cache()
+
+
+def build_matplotlib_font_cache() -> None:
+    """Build matplotlib's font cache now, if it is missing, rather than inside a notebook.
+
+    On a machine where matplotlib has never run, its first import prints
+    "Matplotlib is building the font cache" to stderr: in a notebook cell that
+    is an output the stored notebook does not have, and nbval would fail.
+    """
+    try:
+        import matplotlib.font_manager  # noqa: F401  (importing it builds the cache)
+    except ImportError:
+        pass

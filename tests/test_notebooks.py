@@ -93,25 +93,27 @@ def _sanitize(text: str) -> str:
 
 
 def test_sanitize_rules_mask_only_machine_dependent_text() -> None:
-    """Measured lines, warning paths and addresses are masked; nothing else is touched."""
+    """Measured lines, warning paths, addresses and figure pixel sizes are masked; nothing else is touched."""
     assert len(re.findall(r"(?m)^regex: ", SANITIZE.read_text())) == 4  # every rule parsed
     fresh = (
         "shapes [10, 128, 784]\n"
         "on this machine: loop 2.11 ms, vmap 2.15 ms\n"
         "/opt/env/site-packages/functorch/_src/vmap.py:12: FutureWarning: deprecated\n"
-        "Matplotlib is building the font cache; this may take a moment.\n"
         "<object at 0x7f3a2b1c0d90>\n"
+        "<Figure size 1350x540 with 3 Axes>\n"
     )
     stored = (
         "shapes [10, 128, 784]\n"
         "on this machine: loop 9.99 s, vmap 1.00 us\n"
         "/tmp/ipykernel_4242/123.py:12: FutureWarning: deprecated\n"
         "<object at 0x55d0c0ffee00>\n"
+        "<Figure size 900x360 with 3 Axes>\n"
     )
     assert _sanitize(fresh) == _sanitize(stored)
     # ... but a change in any compared text still shows.
     assert _sanitize(fresh.replace("784", "785")) != _sanitize(stored)
     assert _sanitize(fresh.replace("deprecated", "removed")) != _sanitize(stored)
+    assert _sanitize(fresh.replace("3 Axes", "2 Axes")) != _sanitize(stored)
     assert _sanitize("measured: 1 ms") == "measured: 1 ms"  # the prefix must be exact
 
 
@@ -212,3 +214,49 @@ def test_a_failing_script_writes_no_notebook(
     with pytest.raises(CellExecutionError, match="boom"):
         notebooks_tool.generate(script, notebooks_tool.gallery_conf())
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_notebooks_pass_on_a_reader_machine_with_other_settings(tmp_path: Path) -> None:
+    """nbval passes with MPLBACKEND=Agg, another figure dpi and every warning shown.
+
+    A reader's machine differs from the one that stored the outputs: a shell may
+    export MPLBACKEND=Agg (the first cell's %matplotlib inline overrides it), a
+    matplotlibrc may set another dpi (figure sizes are sanitized), and
+    PYTHONWARNINGS=always shows warnings that are otherwise hidden (none may appear).
+    """
+    (tmp_path / "matplotlibrc").write_text("figure.dpi: 150\n")
+    env = {**os.environ, "MPLBACKEND": "Agg", "MATPLOTLIBRC": str(tmp_path), "PYTHONWARNINGS": "always"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "-q", "-p", "no:cacheprovider", str(ROOT / "notebooks")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebook_prose_has_no_raw_sphinx_roles(path: Path) -> None:
+    """Markdown cells show inline code, not literal :func:`...` roles (only math is converted by Jupyter)."""
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            assert not re.search(r":(?:[a-z]+:)?[a-z]+:`", cell.source), cell.source[:300]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_start_by_showing_figures_inline(path: Path) -> None:
+    """The first cell says what to install and runs %matplotlib inline (MPLBACKEND=Agg cannot hide the figures)."""
+    first = nbformat.read(path, as_version=4).cells[0]
+    assert first.cell_type == "code" and first.source.splitlines()[-1] == "%matplotlib inline"
+    assert 'pip install -e ".[tutorials]"' in first.source
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_tutorial_code_fits_the_page(script: Path) -> None:
+    """Code lines are at most 100 columns, the width of the tutorial pages' code column (no hidden ends)."""
+    long = [
+        f"{number}: {line}"
+        for number, line in enumerate(script.read_text().splitlines(), start=1)
+        if len(line) > 100 and not line.startswith("#")
+    ]
+    assert not long, long

@@ -122,6 +122,8 @@ def execute(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Run every cell in a fresh kernel of this interpreter, from notebooks/."""
     from nbclient import NotebookClient
 
+    import matplotlib.font_manager  # noqa: F401  builds matplotlib's font cache here, not in a cell's stderr
+
     client = NotebookClient(
         notebook,
         timeout=KERNEL_TIMEOUT_S,
