@@ -25,6 +25,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
+    # MathJax copied into _static (the math of the uncertainty page renders offline).
+    "sphinx-mathjax-offline",
 ]
 
 # No intersphinx: the docs build runs without internet. PyTorch names link to
@@ -37,14 +39,20 @@ extlinks = {
 autosummary_generate = True
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+    # nn.Module's repr hook, documented by torch: not part of this package's API.
+    "exclude-members": "extra_repr",
+}
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
 
 exclude_patterns = ["_build", "tutorials/*.ipynb", "tutorials/*.py", "tutorials/*.zip"]
-templates_path: list[str] = []
-html_static_path: list[str] = []
+templates_path = ["_templates"]  # autosummary: one page per object, with the tutorials using it
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 
 html_theme = "pydata_sphinx_theme"
 html_title = "ensembling"
@@ -53,7 +61,10 @@ html_theme_options = {
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc", "sg_download_links", "sg_launcher_links"],
 }
-html_sidebars = {"index": []}
+# No left sidebar on the landing page, the tutorial pages and the API pages:
+# their code runs to 100 columns and needs the width (the top bar and
+# breadcrumbs still navigate; the gallery index keeps its section list).
+html_sidebars = {"index": [], "tutorials/*/plot_*": [], "api": [], "generated/*": []}
 
 # Every tutorial is executed on each build (``run_stale_examples``), so a change
 # to the library is always reflected on the pages: no stale cached outputs.
@@ -71,9 +82,57 @@ sphinx_gallery_conf = {
     "reset_modules": ("matplotlib",),
     "matplotlib_animations": False,
     "min_reported_time": 0,
+    # No execution-time pages: they are build statistics, not content, and they
+    # load their table scripts from CDNs (the site must work offline).
+    "write_computation_times": False,
     "image_srcset": [],
+    # The downloaded notebooks (and the stored ones, which equal them) start with
+    # this cell: what to install, and figures inline whatever MPLBACKEND the
+    # reader's shell sets.
+    "first_notebook_cell": (
+        "# Needs the ensembling package and what the tutorials import; from a clone of\n"
+        "# its repository: pip install -e \".[tutorials]\" (see Install in the docs).\n"
+        "%matplotlib inline"
+    ),
+    # "Examples using ..." on the API page: which tutorials use each object.
+    "backreferences_dir": "generated/backreferences",
+    "doc_module": ("ensembling",),
 }
 
-# sphinx-gallery writes the execution-time table outside the gallery; it is
-# build output, not part of the site's navigation.
 suppress_warnings: list[str] = []
+
+
+# Notebooks: sphinx-gallery turns the prose into Markdown but leaves Sphinx roles
+# such as :func:`torch.vmap` as literal text (it rewrites only :ref:, into a bare
+# label). Roles become inline code first; a reference to another tutorial becomes
+# its notebook's file name, and a titled reference its title. This file is also
+# run by tools/notebooks.py, so the stored notebooks get the same cells.
+import re  # noqa: E402
+
+import sphinx_gallery.notebook  # noqa: E402
+
+_ROLE = re.compile(r":(?:[a-z]+:)?([a-z]+):`([^`]+)`")
+_TUTORIAL_LABEL = re.compile(r"^sphx_glr_tutorials_.*?_(plot_\w+)\.py$")
+
+
+def _role_to_markdown(match: re.Match[str]) -> str:
+    role, content = match.groups()
+    if role == "math":  # sphinx-gallery converts math itself
+        return match.group(0)
+    titled = re.fullmatch(r"(.*?)\s*<([^>]+)>", content, flags=re.S)
+    if titled:
+        return titled.group(1) if role == "ref" else f"`{titled.group(1)}`"
+    if role == "ref":
+        tutorial = _TUTORIAL_LABEL.match(content)
+        return f"`{tutorial.group(1)}.ipynb`" if tutorial else content
+    return f"`{content.lstrip('~').rsplit('.', 1)[-1] if content.startswith('~') else content}`"
+
+
+def _rst2md_with_roles(text: str, *args, **kwargs) -> str:
+    return _rst2md(_ROLE.sub(_role_to_markdown, text), *args, **kwargs)
+
+
+if not getattr(sphinx_gallery.notebook.rst2md, "rewrites_roles", False):
+    _rst2md = sphinx_gallery.notebook.rst2md
+    _rst2md_with_roles.rewrites_roles = True  # type: ignore[attr-defined]
+    sphinx_gallery.notebook.rst2md = _rst2md_with_roles

@@ -1,9 +1,15 @@
 """Vectorized model ensembling in PyTorch.
 
-Helpers for the tutorials in this repository: pick the device, choose honest
-tolerances for loop-vs-vectorized comparisons, and time implementations side
-by side on the reader's machine. ``ensembling.legacy`` re-implements the
-deprecated ``functorch.combine_state_for_ensemble`` for migrating old code.
+The library: :class:`Ensemble` (many same-architecture modules stored stacked
+and run as one), :class:`EnsembleError`, the device helpers
+(:func:`default_device`, :func:`synchronize`, :func:`tolerances` for honest
+loop-vs-vectorized comparisons, :func:`peak_memory`), ``ensembling.legacy``
+(the deprecated ``functorch.combine_state_for_ensemble``, for migrating old
+code) and ``ensembling.distributed`` (members sharded across processes).
+
+Tutorial helpers, used by the pages to time and report on the reader's
+machine: :func:`measure`, :func:`compare`, :class:`Timing`,
+:func:`print_measured`, ``MEASURED_PREFIX`` and :func:`plot_timings`.
 """
 
 from ._bench import MEASURED_PREFIX, Timing, compare, measure, print_measured

@@ -14,7 +14,7 @@ __all__ = ["MEASURED_PREFIX", "Timing", "compare", "measure", "print_measured"]
 
 #: Every printed line whose content depends on the machine (timings, device
 #: names, ratios) starts with this prefix. The notebook check replaces the rest
-#: of such a line with a placeholder (see ``notebooks/sanitize.cfg``); every
+#: of such a line with a placeholder (see ``notebooks/nbval_sanitize.cfg``); every
 #: other line is compared exactly.
 MEASURED_PREFIX = "on this machine: "
 
