@@ -247,9 +247,7 @@ configs = {
 }
 results = {label: loop_and_vmap(*shape) for label, shape in configs.items()}
 for label, times in results.items():
-    print_measured(
-        f"{label.replace(chr(10), ', ')}: loop {times['loop']}, vmap {times['vmap']}"
-    )
+    print_measured(f"{label.replace(chr(10), ', ')}: loop {times['loop']}, vmap {times['vmap']}")
 
 # %%
 # The figure puts the medians side by side on a log scale and writes the

@@ -112,7 +112,10 @@ torch.testing.assert_close(vmap_per_model, loop_per_model, **tol)
 torch.testing.assert_close(vmap_shared, loop_shared, **tol)
 print("option (1)", list(vmap_per_model.shape), "equals the loop")
 print("option (2)", list(vmap_shared.shape), "equals the loop")
-print_measured(f"rtol=atol={tol['rtol']:g}; max |vmap - loop| = {(vmap_per_model - loop_per_model).abs().max():.1e}")
+print_measured(
+    f"rtol=atol={tol['rtol']:g}; "
+    f"max |vmap - loop| = {(vmap_per_model - loop_per_model).abs().max():.1e}"
+)
 
 # %%
 # Tolerances, and TF32 on GPUs
@@ -198,7 +201,9 @@ def loop_and_vmap(num: int, batch: int, c1: int, c2: int, hidden: int, image: in
     def vmapped():
         return batched(p, b, xs)
 
-    torch.testing.assert_close(vmapped(), loop(), **ensembling.tolerances(torch.float32, device, op="conv"))
+    torch.testing.assert_close(
+        vmapped(), loop(), **ensembling.tolerances(torch.float32, device, op="conv")
+    )
     return ensembling.compare({"loop": loop, "vmap": vmapped}, device=device, min_run_time=0.3)
 
 
@@ -218,12 +223,16 @@ speedups = {label: t["loop"].median / t["vmap"].median for label, t in results.i
 for label, times in results.items():
     s = speedups[label]
     how = f"{s:.1f}x faster" if s >= 1 else f"{1 / s:.1f}x slower"
-    print_measured(f"{label.replace(chr(10), ', ')}: loop {times['loop']}, vmap {times['vmap']}, vmap {how}")
+    print_measured(
+        f"{label.replace(chr(10), ', ')}: loop {times['loop']}, vmap {times['vmap']}, vmap {how}"
+    )
 big, small = speedups.values()
 if small > big:
     print_measured(f"small CNNs gain {small / big:.1f}x more from vmap than the tutorial-size ones")
 else:
-    print_measured(f"the tutorial-size CNNs gain {big / small:.1f}x more from vmap than the small ones")
+    print_measured(
+        f"the tutorial-size CNNs gain {big / small:.1f}x more from vmap than the small ones"
+    )
 
 # %%
 # Why: count the arithmetic in the tutorial CNN's second convolution.

@@ -33,6 +33,7 @@ import importlib
 import textwrap
 import warnings
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,6 +133,20 @@ assert torch.equal(new_per_model, legacy_per_model)
 assert torch.equal(new_shared, legacy_shared)
 print("identical predictions, option (1):", torch.equal(new_per_model, legacy_per_model))
 print("identical predictions, option (2):", torch.equal(new_shared, legacy_shared))
+
+# %%
+# Every prediction of every member, legacy against new: all on the diagonal.
+fig, axes = plt.subplots(1, 2, figsize=(7, 3.2), layout="constrained")
+for ax, (title, legacy, new) in zip(
+    axes, [("option (1): a minibatch per model", legacy_per_model, new_per_model),
+           ("option (2): one shared minibatch", legacy_shared, new_shared)],
+):  # fmt: skip
+    ax.scatter(legacy.flatten().cpu().tolist(), new.flatten().cpu().tolist(), s=4)
+    ax.axline((0, 0), slope=1, color="gray", linewidth=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("functorch-style prediction")
+axes[0].set_ylabel("torch.func prediction")
+plt.show()
 
 # %%
 # Difference 1: tuples ordered by position, dictionaries keyed by name

@@ -136,7 +136,7 @@ vote_acc = (votes == y_test).float().mean().item()
 print("member accuracies:", list(member_acc.shape))
 
 fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
-ax.bar(range(num_members), 100 * member_acc.cpu(), color="lightgray", label="members")
+ax.bar(range(num_members), (100 * member_acc).tolist(), color="lightgray", label="members")
 for value, style, label in [
     (member_acc.mean().item(), ":", "average member"),
     (vote_acc, "--", "majority vote"),
@@ -146,7 +146,9 @@ for value, style, label in [
 ax.set_ylim(100 * member_acc.min().item() - 3, 100)
 ax.set_xlabel("member")
 ax.set_ylabel("test accuracy (%)")
-ax.legend(loc="lower right", fontsize=8)
+ax.legend(
+    loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False
+)  # beside the bars, never over them
 plt.show()
 
 # %%
@@ -159,7 +161,8 @@ print_measured(
     f"average member: {100 * member_acc.mean():.1f}%"
 )
 print_measured(
-    f"the ensemble is {100 * gain:.1f} points above the average member and beats {beaten} of {num_members} members"
+    f"the ensemble is {100 * gain:.1f} points above the average member "
+    f"and beats {beaten} of {num_members} members"
 )
 
 # %%
@@ -225,7 +228,9 @@ logits = fixed(X_train[:64])
 fixed_optimizer.zero_grad()
 F.cross_entropy(logits.flatten(0, 1), y_train[:64].repeat(3)).backward()
 fixed_optimizer.step()
-print("stacked weights changed:", not torch.equal(fixed.named_stacked_parameters()["0.weight"], start))
+print(
+    "stacked weights changed:", not torch.equal(fixed.named_stacked_parameters()["0.weight"], start)
+)
 
 # %%
 # Keeping the best member, saving and reloading

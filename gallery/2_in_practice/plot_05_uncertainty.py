@@ -40,7 +40,9 @@ device = ensembling.default_device()
 print_measured(f"running on {device}")
 
 
-def train(ens: Ensemble, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2) -> Ensemble:
+def train(
+    ens: Ensemble, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2
+) -> Ensemble:
     members, half = len(ens), len(X) // 2
     subsets = torch.stack([torch.randperm(len(X))[:half] for _ in range(members)]).to(device)
     optimizer = torch.optim.Adam(ens.parameters(), lr=lr)
@@ -83,8 +85,15 @@ X_np, y_np = make_moons(n_samples=300, noise=0.2, random_state=0)
 X_moons = torch.tensor(X_np, dtype=torch.float32).to(device)
 y_moons = torch.tensor(y_np).to(device)
 moons = train(
-    Ensemble(lambda: nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)), 16).to(device),
-    X_moons, y_moons, steps=400,
+    Ensemble(
+        lambda: nn.Sequential(
+            nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+        ),
+        16,
+    ).to(device),
+    X_moons,
+    y_moons,
+    steps=400,
 )
 
 # %%
@@ -102,9 +111,14 @@ print("grid predictions:", list(p.shape))
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained", sharey=True)
 extent = (xs[0].item(), xs[-1].item(), ys[0].item(), ys[-1].item())
-panels = [(p_mean[:, 1], "RdBu_r", "ensemble P(class 1)"), (mutual_information, "viridis", "mutual information (nats)")]
+panels = [
+    (p_mean[:, 1], "RdBu_r", "ensemble P(class 1)"),
+    (mutual_information, "viridis", "mutual information (nats)"),
+]
 for ax, (values, cmap, title) in zip(axes, panels):
-    image = ax.imshow(values.view(150, 150).cpu(), origin="lower", extent=extent, cmap=cmap, aspect="auto")
+    image = ax.imshow(
+        values.view(150, 150).cpu().numpy(), origin="lower", extent=extent, cmap=cmap, aspect="auto"
+    )
     ax.scatter(*X_np.T, c=y_np, cmap="RdBu_r", s=6, edgecolors="white", linewidths=0.3)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
@@ -118,7 +132,9 @@ distance = torch.cdist(grid, X_moons).min(dim=1).values
 near, far = distance < 0.1, distance > 1.0
 mi_near, mi_far = mutual_information[near].mean().item(), mutual_information[far].mean().item()
 assert mi_far > 2 * mi_near
-print_measured(f"mean mutual information: {mi_near:.3f} nats near the data, {mi_far:.3f} far from it")
+print_measured(
+    f"mean mutual information: {mi_near:.3f} nats near the data, {mi_far:.3f} far from it"
+)
 print_measured(f"disagreement is {mi_far / mi_near:.1f}x higher far from the data")
 
 # %%
@@ -132,8 +148,8 @@ y = torch.tensor(digits.target)
 order = torch.randperm(len(X))
 X_train, y_train = X[order[:1437]].to(device), y[order[:1437]].to(device)
 X_test, y_test = X[order[1437:]].to(device), y[order[1437:]].to(device)
-ens = train(Ensemble(lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), 16).to(device),
-            X_train, y_train, steps=300)  # fmt: skip
+member = lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))  # noqa: E731
+ens = train(Ensemble(member, 16).to(device), X_train, y_train, steps=300)
 with torch.no_grad():
     probs = ens(X_test).softmax(dim=-1)  # [members, 360, 10]
 prediction = probs.mean(dim=0)
@@ -146,8 +162,20 @@ print("test predictions:", list(prediction.shape))
 # uncertain ones. The histogram compares the two groups.
 fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
 bins = torch.linspace(0, score.max().item(), 25)
-ax.hist(score[correct].cpu(), bins=bins.tolist(), alpha=0.7, label=f"correct ({int(correct.sum())})", density=True)
-ax.hist(score[~correct].cpu(), bins=bins.tolist(), alpha=0.7, label=f"wrong ({int((~correct).sum())})", density=True)
+ax.hist(
+    score[correct].cpu().numpy(),
+    bins=bins.tolist(),
+    alpha=0.7,
+    label=f"correct ({int(correct.sum())})",
+    density=True,
+)
+ax.hist(
+    score[~correct].cpu().numpy(),
+    bins=bins.tolist(),
+    alpha=0.7,
+    label=f"wrong ({int((~correct).sum())})",
+    density=True,
+)
 ax.set_xlabel("entropy of the ensemble's prediction (nats)")
 ax.set_ylabel("density")
 ax.legend()
@@ -158,7 +186,10 @@ plt.show()
 assert (~correct).any(), "no mistakes to analyse"
 h_right, h_wrong = score[correct].mean().item(), score[~correct].mean().item()
 assert h_wrong > h_right
-print_measured(f"mean entropy: {h_right:.3f} nats when correct, {h_wrong:.3f} when wrong ({h_wrong / h_right:.1f}x)")
+print_measured(
+    f"mean entropy: {h_right:.3f} nats when correct, "
+    f"{h_wrong:.3f} when wrong ({h_wrong / h_right:.1f}x)"
+)
 
 # %%
 # Refusing the most uncertain predictions
@@ -170,13 +201,16 @@ ranked = correct[score.argsort()].float()  # most certain first
 kept_fraction = torch.linspace(1.0, 0.5, 11)
 accuracy_kept = torch.stack([ranked[: max(1, int(f * len(ranked)))].mean() for f in kept_fraction])
 fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
-ax.plot(100 * (1 - kept_fraction), 100 * accuracy_kept.cpu(), marker="o")
+ax.plot((100 * (1 - kept_fraction)).tolist(), (100 * accuracy_kept).tolist(), marker="o")
 ax.set_xlabel("most uncertain predictions rejected (%)")
 ax.set_ylabel("accuracy on the rest (%)")
 plt.show()
 at_0, at_10 = accuracy_kept[0].item(), accuracy_kept[2].item()
 assert at_10 >= at_0
-print_measured(f"accuracy {100 * at_0:.1f}% answering everything, {100 * at_10:.1f}% after rejecting the 10% most uncertain")
+print_measured(
+    f"accuracy {100 * at_0:.1f}% answering everything, "
+    f"{100 * at_10:.1f}% after rejecting the 10% most uncertain"
+)
 
 # %%
 # Summary

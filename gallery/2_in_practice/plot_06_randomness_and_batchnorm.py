@@ -29,6 +29,7 @@ PyTorch 2.6 or newer. A GPU is optional.
 # of its message.
 import copy
 
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state
@@ -49,17 +50,19 @@ def functional(models: list[nn.Module]):
 
 
 def show(err: Exception) -> None:
-    print(f"{type(err).__name__}: {str(err).splitlines()[0][:110]}")
+    print(f"{type(err).__name__}: {str(err).splitlines()[0]}")
 
 
 # %%
 # Dropout and ``randomness``
 # --------------------------
 # Four members with *identical* weights, so that any difference between their
-# outputs comes from dropout alone. ``torch.vmap`` refuses random operations
+# outputs comes from dropout alone. With 64 units per row, two independent
+# masks coincide with probability ``2**-64``: the comparisons below do not
+# depend on the random generator of the device. ``torch.vmap`` refuses random operations
 # unless told how the members should draw: its default is
 # ``randomness="error"``.
-member = nn.Sequential(nn.Linear(8, 8), nn.Dropout(p=0.5)).to(device)
+member = nn.Sequential(nn.Linear(8, 64), nn.Dropout(p=0.5)).to(device)
 params, buffers, f = functional([copy.deepcopy(member) for _ in range(4)])
 x = torch.ones(3, 8, device=device)  # one shared minibatch of 3 rows
 try:
@@ -76,9 +79,30 @@ except RuntimeError as err:
 different = torch.vmap(f, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
 same = torch.vmap(f, in_dims=(0, 0, None), randomness="same")(params, buffers, x)
 dropped = lambda out: out == 0  # noqa: E731  (which units were dropped)
-print("'different': members share masks:", torch.equal(dropped(different[0]), dropped(different[1])))
-print("'same':      members share masks:", all(torch.equal(dropped(same[0]), dropped(same[i])) for i in range(4)))
+print(
+    "'different': members share masks:", torch.equal(dropped(different[0]), dropped(different[1]))
+)
+print(
+    "'same':      members share masks:",
+    all(torch.equal(dropped(same[0]), dropped(same[i])) for i in range(4)),
+)
 print("'same':      rows share masks:   ", torch.equal(dropped(same[0, 0]), dropped(same[0, 1])))
+
+# %%
+# The masks themselves, for the first row of the minibatch: one line per member,
+# a dark cell where a unit was dropped.
+fig, axes = plt.subplots(1, 2, figsize=(8, 1.9), layout="constrained", sharey=True)
+for ax, (mode, out) in zip(axes, [("different", different), ("same", same)]):
+    ax.imshow(
+        dropped(out[:, 0]).float().cpu().numpy(),
+        cmap="Greys",
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax.set_title(f'randomness="{mode}"', fontsize=9)
+    ax.set_xlabel("unit")
+axes[0].set_ylabel("member")
+plt.show()
 
 # %%
 # ``Ensemble`` defaults to ``randomness="different"``, and a call can override

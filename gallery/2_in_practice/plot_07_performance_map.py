@@ -28,6 +28,8 @@ page.
 # ``Linear`` and ``ReLU``) evaluated on minibatches of 32. Timings use
 # :func:`ensembling.measure` (median of repeated runs, synchronized), kept
 # short so the page stays quick on a laptop CPU.
+import warnings
+
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,9 @@ WIDTHS = [16, 64, 256]
 
 
 def make_member(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    return nn.Sequential(
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    )
 
 
 def timed(fn) -> float:
@@ -60,7 +64,10 @@ def timed(fn) -> float:
 # and with one minibatch per member: the loop over ordinary modules, and
 # ``Ensemble`` (which, for this ``nn.Sequential``, runs batched matrix
 # products directly). Each pair is checked to agree before it is timed.
-speedup = {"shared": torch.zeros(len(SIZES), len(WIDTHS)), "per-member": torch.zeros(len(SIZES), len(WIDTHS))}
+speedup = {
+    "shared": torch.zeros(len(SIZES), len(WIDTHS)),
+    "per-member": torch.zeros(len(SIZES), len(WIDTHS)),
+}
 tol = ensembling.tolerances(torch.float32, device)
 for i, n in enumerate(SIZES):
     for j, width in enumerate(WIDTHS):
@@ -71,7 +78,11 @@ for i, n in enumerate(SIZES):
         with torch.no_grad():
             for kind, loop, vectorized in (
                 ("shared", lambda: [m(x) for m in members], lambda: ens(x)),
-                ("per-member", lambda: [m(xs[k]) for k, m in enumerate(members)], lambda: ens(xs, in_dims=0)),
+                (
+                    "per-member",
+                    lambda: [m(xs[k]) for k, m in enumerate(members)],
+                    lambda: ens(xs, in_dims=0),
+                ),
             ):
                 torch.testing.assert_close(vectorized(), torch.stack(loop()), **tol)
                 speedup[kind][i, j] = timed(loop) / timed(vectorized)
@@ -83,13 +94,29 @@ print("measured", 2 * len(SIZES) * len(WIDTHS), "configurations")
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained", sharey=True)
 limit = max(s.abs().max().item() for s in speedup.values())
 for ax, (kind, values) in zip(axes, speedup.items()):
-    image = ax.imshow(values.log10(), cmap="RdYlGn", vmin=-torch.tensor(limit).log10().item(),
-                      vmax=torch.tensor(limit).log10().item(), aspect="auto", origin="lower")  # fmt: skip
-    for (i, j), value in zip(torch.cartesian_prod(torch.arange(len(SIZES)), torch.arange(len(WIDTHS))).tolist(),
-                             values.flatten().tolist()):  # fmt: skip
-        ax.text(j, i, f"{value:.1f}x", ha="center", va="center", fontsize=8)
+    scale = torch.tensor(limit).log10().item()
+    image = ax.imshow(
+        values.log10().numpy(),
+        cmap="RdYlGn",
+        vmin=-scale,
+        vmax=scale,
+        aspect="auto",
+        origin="lower",
+    )
+    cells = torch.cartesian_prod(torch.arange(len(SIZES)), torch.arange(len(WIDTHS))).tolist()
+    for (i, j), value in zip(cells, values.flatten().tolist()):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}x" if value < 1 else f"{value:.1f}x",
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
         if value < 1:
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            ax.add_patch(
+                plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+            )
     ax.set_xticks(range(len(WIDTHS)), WIDTHS)
     ax.set_yticks(range(len(SIZES)), SIZES)
     ax.set_xlabel("member width")
@@ -109,8 +136,14 @@ for kind, values in speedup.items():
     )
     losing = [f"{SIZES[i]}x{WIDTHS[j]}" for i, j in (values < 1).nonzero().tolist()]
     print_measured(f"{kind}: vectorizing loses in {len(losing)} of {values.numel()} cells {losing}")
-gain_with_size = all((speedup["per-member"][1:, j] >= 0.8 * speedup["per-member"][:-1, j]).all() for j in range(len(WIDTHS)))
-print_measured(f"per-member speedup (roughly) grows with the number of members at every width: {gain_with_size}")
+gain_with_size = all(
+    (speedup["per-member"][1:, j] >= 0.8 * speedup["per-member"][:-1, j]).all()
+    for j in range(len(WIDTHS))
+)
+print_measured(
+    "per-member speedup (roughly) grows with the number of members at every width: "
+    f"{gain_with_size}"
+)
 
 # %%
 # A single member (the bottom row) can only lose a little: there is nothing to
@@ -145,10 +178,17 @@ for n, width in [(16, 16), (256, 16), (64, 64), (16, 256)]:
     xs = torch.randn(n, BATCH, width, device=device)
     with torch.no_grad():
         torch.testing.assert_close(hand_batched(ens, xs), ens(xs, in_dims=0), **tol)
-        times = [timed(lambda: vmap_ens(xs, in_dims=0)), timed(lambda: ens(xs, in_dims=0)), timed(lambda: hand_batched(ens, xs))]
+        times = [
+            timed(lambda: vmap_ens(xs, in_dims=0)),
+            timed(lambda: ens(xs, in_dims=0)),
+            timed(lambda: hand_batched(ens, xs)),
+        ]
     rows.append((n, width, *times))
 for n, width, t_vmap, t_ens, t_hand in rows:
-    print_measured(f"{n:3d} x width {width:3d}: vmap {t_vmap / t_hand:.2f}x, Ensemble {t_ens / t_hand:.2f}x the hand-batched time")
+    print_measured(
+        f"{n:3d} x width {width:3d}: vmap {t_vmap / t_hand:.2f}x, "
+        f"Ensemble {t_ens / t_hand:.2f}x the hand-batched time"
+    )
 
 # %%
 # ``torch.compile`` can fuse the element-wise work between the products. On a
@@ -158,12 +198,16 @@ for n, width, t_vmap, t_ens, t_hand in rows:
 if device.type != "cpu":
     n, width = 64, 64
     ens = Ensemble(lambda: make_member(width), n).to(device).eval()
+    # Inductor suggests TF32 on GPUs that have it; this page keeps float32 exact.
+    warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")
     compiled = torch.compile(ens)
     xs = torch.randn(n, BATCH, width, device=device)
     with torch.no_grad():
         torch.testing.assert_close(compiled(xs, in_dims=0), ens(xs, in_dims=0), **tol)
         ratio = timed(lambda: ens(xs, in_dims=0)) / timed(lambda: compiled(xs, in_dims=0))
-    print_measured(f"torch.compile: {ratio:.2f}x the speed of eager Ensemble at {n} x width {width}")
+    print_measured(
+        f"torch.compile: {ratio:.2f}x the speed of eager Ensemble at {n} x width {width}"
+    )
 else:
     print_measured("torch.compile: skipped on the CPU (compile time exceeds this page's budget)")
 
@@ -177,7 +221,10 @@ train_speedup = []
 for n in [4, 16, 64, 256]:
     ens = Ensemble(lambda: make_member(64), n).to(device)
     members = ens.unstack()
-    xs, ys = torch.randn(n, BATCH, 64, device=device), torch.randint(0, 10, (n, BATCH), device=device)
+    xs, ys = (
+        torch.randn(n, BATCH, 64, device=device),
+        torch.randint(0, 10, (n, BATCH), device=device),
+    )
     ens_opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in members]
 
@@ -195,7 +242,9 @@ for n in [4, 16, 64, 256]:
 
     train_speedup.append(timed(loop_step) / timed(ensemble_step))
 for n, s in zip([4, 16, 64, 256], train_speedup):
-    print_measured(f"training step, {n:3d} members of width 64: Ensemble {s:.1f}x faster than the loop")
+    print_measured(
+        f"training step, {n:3d} members of width 64: Ensemble {s:.1f}x faster than the loop"
+    )
 
 # %%
 # Memory, and what ``chunk_size`` trades
@@ -213,7 +262,10 @@ with torch.no_grad():
     for chunk in (None, 64, 16):
         _, memory[chunk] = peak_memory(lambda: ens(xs, in_dims=0, chunk_size=chunk))
         seconds[chunk] = timed(lambda: ens(xs, in_dims=0, chunk_size=chunk))
-        print_measured(f"chunk_size={chunk}: peak {memory[chunk] / 2**20:.1f} MiB, {1e3 * seconds[chunk]:.2f} ms")
+        print_measured(
+            f"chunk_size={chunk}: peak {memory[chunk] / 2**20:.1f} MiB, "
+            f"{1e3 * seconds[chunk]:.2f} ms"
+        )
 assert memory[16] < memory[64] < memory[None]
 activation = 256 * BATCH * 256 * 4  # one hidden layer's output for all members, float32
 print(f"one hidden activation for all 256 members: {activation / 2**20:.1f} MiB")

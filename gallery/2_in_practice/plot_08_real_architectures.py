@@ -51,7 +51,9 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.empty(seq, dim))
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(dim, 5)
         self.reset_parameters()
@@ -82,11 +84,13 @@ class BatchNormCNN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+        self.features = nn.Sequential(*self.block(1, 8), *self.block(8, 16))
         self.head = nn.Linear(16 * 4 * 4, 10)
+
+    @staticmethod
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)  # BatchNorm adds the bias
+        return [conv, nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images).flatten(1))
@@ -95,7 +99,11 @@ class BatchNormCNN(nn.Module):
 steps = torch.arange(BATCH * 25, dtype=torch.float32).view(BATCH, 25)
 series = torch.sin(0.3 * steps) + 0.1 * torch.randn(BATCH, 25)
 setups = {  # name: (member class, a minibatch of inputs, targets)
-    "transformer": (TransformerClassifier, torch.randint(0, 100, (BATCH, 16)), torch.randint(0, 5, (BATCH,))),
+    "transformer": (
+        TransformerClassifier,
+        torch.randint(0, 100, (BATCH, 16)),
+        torch.randint(0, 5, (BATCH,)),
+    ),
     "LSTM": (LSTMForecaster, series[:, :24, None], series[:, 24:]),
     "BatchNorm CNN": (BatchNormCNN, torch.randn(BATCH, 1, 16, 16), torch.randint(0, 10, (BATCH,))),
 }
@@ -128,12 +136,22 @@ def plain_vmap(cls: type[nn.Module], x: torch.Tensor, train: bool) -> str:
             out.sum().backward()
         except RuntimeError as err:
             return "fails in " + re.search(r"aten::\w+", str(err)).group()
-    loops = sorted({re.search(r"aten::\w+", str(w.message)).group() for w in caught if "batching rule" in str(w.message)})
-    return f"runs the members one by one in {loops}" if loops else f"works, output {list(out.shape)}"
+    loops = sorted(
+        {
+            re.search(r"aten::\w+", str(w.message)).group()
+            for w in caught
+            if "batching rule" in str(w.message)
+        }
+    )
+    return (
+        f"runs the members one by one in {loops}" if loops else f"works, output {list(out.shape)}"
+    )
 
 
 for name, (cls, x, _) in setups.items():
-    show = print_measured if name == "transformer" else print  # the transformer's result depends on the device
+    show = (
+        print_measured if name == "transformer" else print
+    )  # the transformer's result depends on the device
     for train in (True, False):
         show(f"{name:13} {'train' if train else 'eval':5} mode: {plain_vmap(cls, x, train)}")
 
@@ -170,7 +188,9 @@ for name, ens in ensembles.items():
             torch.testing.assert_close(ens(x), expected, **tol)
         if train:  # the forward above updated the running statistics of both
             for key, stacked in ens.named_stacked_buffers().items():
-                torch.testing.assert_close(stacked, torch.stack([m.get_buffer(key) for m in members]), **tol)
+                torch.testing.assert_close(
+                    stacked, torch.stack([m.get_buffer(key) for m in members]), **tol
+                )
     members = ens.unstack()  # train mode, current statistics
     ens.zero_grad()
     outputs = ens(x)
@@ -178,7 +198,9 @@ for name, ens in ensembles.items():
     for m in members:
         loss_fn(name, m(x), y).backward()
     for key, stacked in ens.named_stacked_parameters().items():
-        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in members]), **tol)
+        torch.testing.assert_close(
+            stacked.grad, torch.stack([m.get_parameter(key).grad for m in members]), **tol
+        )
     print(f"{name:13} outputs, statistics and gradients of all {MEMBERS} members match the loop")
 
 # %%
@@ -193,6 +215,7 @@ for name, ens in ensembles.items():
         torch.testing.assert_close(compiled(x), ens(x))
 print("all three compile as one graph, with the same outputs")
 
+
 # %%
 # Timing: the loop against the ensemble
 # -------------------------------------
@@ -200,7 +223,10 @@ print("all three compile as one graph, with the same outputs")
 # forward, the loss, backward and an Adam step (one optimizer per member for
 # the loop, one for the ensemble, which updates each member exactly as its own
 # optimizer would).
-timed = lambda fn: ensembling.measure(fn, device=device, min_run_time=0.05, warmup=2).median  # noqa: E731
+def timed(fn) -> float:
+    return ensembling.measure(fn, device=device, min_run_time=0.05, warmup=2).median
+
+
 results = {}
 for name, ens in ensembles.items():
     _, x, y = setups[name]
@@ -257,7 +283,9 @@ wins = [f"{n} {w}" for (n, w), s in speedups.items() if s > 1]
 losses = [f"{n} {w}" for (n, w), s in speedups.items() if s <= 1]
 print_measured(f"the ensemble is faster in {len(wins)} of {len(speedups)} measurements: {wins}")
 print_measured(f"the loop is as fast or faster in: {losses or 'none'}")
-lstm_vs_rest = speedups[("LSTM", "forward")] < min(speedups[(n, "forward")] for n in results if n != "LSTM")
+lstm_vs_rest = speedups[("LSTM", "forward")] < min(
+    speedups[(n, "forward")] for n in results if n != "LSTM"
+)
 print_measured(f"the LSTM gains the least in the forward pass: {lstm_vs_rest}")
 
 # %%

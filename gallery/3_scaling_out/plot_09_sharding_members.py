@@ -29,14 +29,25 @@ page starts two CPU processes itself; no GPU is needed.
 # able to import it: functions defined in a notebook or script cannot be sent.
 import os
 
+import matplotlib.pyplot as plt
 import torch
 
 import ensembling
 from ensembling import Ensemble, print_measured
-from ensembling.distributed import demo_worker, digits_data, digits_member, launch, shard_members, train_digits
+from ensembling.distributed import (
+    demo_worker,
+    digits_data,
+    digits_member,
+    launch,
+    shard_members,
+    train_digits,
+)
 
 torch.manual_seed(0)
-print_measured(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, distributed: {torch.distributed.is_available()}")
+print_measured(
+    f"torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+    f"distributed: {torch.distributed.is_available()}"
+)
 
 # %%
 # When to shard
@@ -45,13 +56,16 @@ print_measured(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, distribu
 # float32: the weights, their gradients and Adam's two moment estimates (plus
 # activations, which ``chunk_size`` can bound). For the 784-128-128-10 MLP of
 # the first tutorial:
-params_per_member = sum(p.numel() for p in torch.nn.Sequential(
-    torch.nn.Linear(784, 128), torch.nn.Linear(128, 128), torch.nn.Linear(128, 10)).parameters())  # fmt: skip
+layers = [torch.nn.Linear(784, 128), torch.nn.Linear(128, 128), torch.nn.Linear(128, 10)]
+params_per_member = sum(p.numel() for layer in layers for p in layer.parameters())
 bytes_per_member = 4 * 4 * params_per_member  # float32 x (weights, grads, 2 Adam moments)
 print(f"parameters per member: {params_per_member:,}")
 print(f"training state per member: {bytes_per_member / 2**20:.2f} MiB")
 for budget_gib in (16, 80):
-    print(f"members whose training state fits in {budget_gib} GiB: {int(budget_gib * 2**30 // bytes_per_member):,}")
+    print(
+        f"members whose training state fits in {budget_gib} GiB: "
+        f"{int(budget_gib * 2**30 // bytes_per_member):,}"
+    )
 
 # %%
 # So memory forces sharding only for very large ensembles, or large members.
@@ -66,7 +80,30 @@ for budget_gib in (16, 80):
 # Members are split into contiguous blocks, balanced to within one member. The
 # first ``num_members % world_size`` ranks get one extra:
 for world_size in (2, 3, 4):
-    print(f"10 members on {world_size} ranks:", [list(shard_members(10, world_size, r)) for r in range(world_size)])
+    print(
+        f"10 members on {world_size} ranks:",
+        [list(shard_members(10, world_size, r)) for r in range(world_size)],
+    )
+
+fig, ax = plt.subplots(figsize=(7, 1.8), layout="constrained")
+for row, world_size in enumerate((2, 3, 4)):
+    for rank in range(world_size):
+        block = shard_members(10, world_size, rank)
+        ax.barh(row, len(block), left=block.start, color=f"C{rank}", edgecolor="white")
+        ax.text(
+            block.start + len(block) / 2,
+            row,
+            f"rank {rank}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white",
+        )
+ax.set_yticks(range(3), [f"{w} ranks" for w in (2, 3, 4)])
+ax.set_xticks(range(11))
+ax.set_xlabel("member index (each block holds members start..stop-1)")
+ax.invert_yaxis()
+plt.show()
 
 # %%
 # A rank builds *only* its members. To make their initial values independent of
@@ -96,7 +133,10 @@ for world_size in (2, 3, 4):
 num_members, steps, seed = 8, 100, 0
 results = launch(demo_worker, 2, num_members, steps, seed, timeout_s=120)
 for rank, result in enumerate(results):
-    print(f"rank {rank} trained members {list(result['members'])}; gathered", list(result["probs"].shape))
+    print(
+        f"rank {rank} trained members {list(result['members'])}; gathered",
+        list(result["probs"].shape),
+    )
 assert torch.equal(results[0]["probs"], results[1]["probs"])  # every rank has the full result
 
 # %%
@@ -104,11 +144,15 @@ assert torch.equal(results[0]["probs"], results[1]["probs"])  # every rank has t
 # minibatches, must give the same predictions. The two computations differ
 # only in how many members share a batched matrix product, so they agree to
 # float32 rounding:
-single = train_digits(Ensemble(digits_member, num_members, seed=seed), num_members, steps, seed=seed).eval()
+single = train_digits(
+    Ensemble(digits_member, num_members, seed=seed), num_members, steps, seed=seed
+).eval()
 _, _, X_test, y_test = digits_data()
 with torch.no_grad():
     single_probs = single(X_test).softmax(dim=-1)
-torch.testing.assert_close(results[0]["probs"], single_probs, **ensembling.tolerances(torch.float32, "cpu"))
+torch.testing.assert_close(
+    results[0]["probs"], single_probs, **ensembling.tolerances(torch.float32, "cpu")
+)
 print("2-process predictions == single-process Ensemble: True")
 accuracy = (results[0]["probs"].mean(0).argmax(-1) == y_test).float().mean().item()
 print_measured(f"ensemble test accuracy {100 * accuracy:.1f}%")
@@ -118,12 +162,15 @@ print_measured(f"ensemble test accuracy {100 * accuracy:.1f}%")
 for rank, result in enumerate(results):
     s = result["seconds"]
     print_measured(
-        f"rank {rank}: training {s['train']:.2f} s, forward on the test set {1e3 * s['forward']:.2f} ms, "
-        f"gather {1e3 * s['gather']:.2f} ms"
+        f"rank {rank}: training {s['train']:.2f} s, "
+        f"forward on the test set {1e3 * s['forward']:.2f} ms, gather {1e3 * s['gather']:.2f} ms"
     )
 ratio = max(r["seconds"]["gather"] / r["seconds"]["forward"] for r in results)
 verdict = "more" if ratio > 1 else "less"
-print_measured(f"for these small members the gather took {ratio:.1f}x the forward time: {verdict} than the compute")
+print_measured(
+    f"for these small members the gather took {ratio:.1f}x the forward time: "
+    f"{verdict} than the compute"
+)
 
 # %%
 # Small members on two CPU processes are the worst case for sharding: little
