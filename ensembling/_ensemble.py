@@ -14,12 +14,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from ._errors import EnsembleError
-from ._layers import attention_settings, make_runner
+from ._layers import attention_context, make_runner
 from ._validate import check_members
 
 __all__ = ["Ensemble"]
@@ -775,13 +774,8 @@ class Ensemble(nn.Module):
             if key is not None and not compiling:
                 self._vmap_cache[key] = batched
         device = next(iter({**params, **buffers}.values())).device
-        if compiling:  # attention_settings' switches cannot be traced; sdpa_kernel can
-            if device.type == "cuda":
-                return batched(params, buffers, *args, **kwargs)
-            with sdpa_kernel([SDPBackend.MATH]):
-                return batched(params, buffers, *args, **kwargs)
         try:
-            with attention_settings(device):
+            with attention_context(device):
                 return batched(params, buffers, *args, **kwargs)
         except RuntimeError as err:
             if "atching rule not implemented" not in str(err):

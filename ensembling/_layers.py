@@ -26,15 +26,17 @@ Nothing here loops over members.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._errors import EnsembleError
 
-__all__ = ["attention_settings", "cell_forward", "embedding_forward", "make_runner", "rnn_forward"]
+__all__ = ["attention_context", "attention_settings", "cell_forward", "embedding_forward", "make_runner", "rnn_forward"]
 
 
 
@@ -283,3 +285,18 @@ class attention_settings:
             torch.backends.cuda.enable_flash_sdp(flash)
             torch.backends.cuda.enable_mem_efficient_sdp(efficient)
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def attention_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The attention settings for one ensemble call on ``device``, eager or under ``torch.compile``.
+
+    Eagerly, :class:`attention_settings`. While ``torch.compile`` traces, its
+    global switches cannot be traced, but ``sdpa_kernel`` can: the math backend
+    off CUDA, nothing on CUDA (the runner's encoder layers already have their
+    fast path off, see :func:`make_runner`).
+    """
+    if not torch.compiler.is_compiling():
+        return attention_settings(device)
+    if device.type == "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])

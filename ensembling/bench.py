@@ -248,13 +248,13 @@ def zoo_configs() -> dict[str, tuple[Callable[[], nn.Module], Callable[..., tupl
     from . import _zoo
 
     return {
-        "custom MLP 32-64-64-10": (lambda: CustomMLP(mlp(32, 64)), _zoo._normal(32)),
-        "BatchNorm CNN 16x16": (_bench_cnn, _zoo._normal(1, 16, 16)),
-        "transformer classifier": (lambda: _zoo.TransformerClassifier(vocab=100, dim=32, heads=4, layers=2, seq=16, classes=5), _zoo._tokens(16, 100)),
+        "custom MLP 32-64-64-10": (lambda: CustomMLP(mlp(32, 64)), _zoo.normal_inputs(32)),
+        "BatchNorm CNN 16x16": (_bench_cnn, _zoo.normal_inputs(1, 16, 16)),
+        "transformer classifier": (lambda: _zoo.TransformerClassifier(vocab=100, dim=32, heads=4, layers=2, seq=16, classes=5), _zoo.token_inputs(16, 100)),
         "multihead attention": (lambda: nn.MultiheadAttention(32, 4, batch_first=True), lambda lead, batch, gen: (torch.randn(*lead, batch, 16, 32, generator=gen),) * 3),
-        "LSTM forecaster": (lambda: _zoo.LSTMForecaster(features=1, hidden=32, layers=2), _zoo._seq(24, 1)),
-        "GRU bidirectional": (lambda: nn.GRU(8, 32, batch_first=True, bidirectional=True), _zoo._seq(24, 8)),
-        "embedding bag-of-words": (lambda: _zoo.EmbeddingBagOfWords(vocab=1000, dim=32, classes=5), _zoo._tokens(16, 1000)),
+        "LSTM forecaster": (lambda: _zoo.LSTMForecaster(features=1, hidden=32, layers=2), _zoo.sequence_inputs(24, 1)),
+        "GRU bidirectional": (lambda: nn.GRU(8, 32, batch_first=True, bidirectional=True), _zoo.sequence_inputs(24, 8)),
+        "embedding bag-of-words": (lambda: _zoo.EmbeddingBagOfWords(vocab=1000, dim=32, classes=5), _zoo.token_inputs(16, 1000)),
     }
 
 
