@@ -66,6 +66,27 @@ html_theme_options = {
 # breadcrumbs still navigate; the gallery index keeps its section list).
 html_sidebars = {"index": [], "tutorials/*/plot_*": [], "api": [], "generated/*": []}
 
+
+def _first_notebook_cell(version: str) -> str:
+    """The first cell of every notebook: install what is missing, then figures inline.
+
+    In a fresh Jupyter or Colab kernel that has only torch, the imports fail and
+    the cell installs this docs build's release of the package with the
+    tutorials' extras (matplotlib, scikit-learn); pip keeps the kernel's torch.
+    Where everything is installed (the stored notebooks, nbval) it prints nothing.
+    tests/test_reader_install.py runs a downloaded notebook through this path.
+    """
+    return (
+        "# Installs what this page needs where it is missing (a fresh Jupyter or Colab\n"
+        "# kernel with torch): the ensembling package, matplotlib and scikit-learn.\n"
+        "try:\n"
+        "    import ensembling, matplotlib, sklearn\n"
+        "except ImportError:\n"
+        f'    %pip install "ensembling[tutorials]=={version}"\n'
+        "%matplotlib inline"
+    )
+
+
 # Every tutorial is executed on each build (``run_stale_examples``), so a change
 # to the library is always reflected on the pages: no stale cached outputs.
 # A failing example fails the build (sphinx-gallery's default); so does any
@@ -87,13 +108,9 @@ sphinx_gallery_conf = {
     "write_computation_times": False,
     "image_srcset": [],
     # The downloaded notebooks (and the stored ones, which equal them) start with
-    # this cell: what to install, and figures inline whatever MPLBACKEND the
-    # reader's shell sets.
-    "first_notebook_cell": (
-        "# Needs the ensembling package and what the tutorials import; from a clone of\n"
-        "# its repository: pip install -e \".[tutorials]\" (see Install in the docs).\n"
-        "%matplotlib inline"
-    ),
+    # this cell: it installs what the page needs where it is missing, and shows
+    # figures inline whatever MPLBACKEND the reader's shell sets.
+    "first_notebook_cell": _first_notebook_cell(release),
     # "Examples using ..." on the API page: which tutorials use each object.
     "backreferences_dir": "generated/backreferences",
     "doc_module": ("ensembling",),
