@@ -21,7 +21,7 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.extlinks",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
@@ -29,11 +29,12 @@ extensions = [
     "sphinx-mathjax-offline",
 ]
 
-# No intersphinx: the docs build runs without internet. PyTorch names link to
-# the PyTorch docs through these roles instead, e.g. :torchapi:`torch.vmap`.
-extlinks = {
-    "torchapi": ("https://docs.pytorch.org/docs/stable/generated/%s.html", "%s"),
-    "torchdoc": ("https://docs.pytorch.org/docs/stable/%s.html", "%s"),
+# PyTorch names (:func:`torch.vmap`, :class:`torch.nn.Linear`, and the same
+# names in tutorial code, through sphinx-gallery) link to the PyTorch docs by
+# intersphinx. The build runs without internet, so the inventory is a stored
+# file, made from the installed torch by tools/torch_inventory.py.
+intersphinx_mapping = {
+    "torch": ("https://docs.pytorch.org/docs/stable/", str(DOCS / "_inventories" / "torch.inv")),
 }
 
 autosummary_generate = True
