@@ -24,7 +24,7 @@ with ratios:
   gloo processes: inference with the gather, and a training step.
 
 Every implementation's output is checked against the loop before it is timed.
-Times are medians from :func:`ensembling.measure`. Nothing here is asserted:
+Times are medians from :func:`ensembling.tutorial.measure`. Nothing here is asserted:
 the numbers are for reading, and differ between machines.
 
 Options: ``--quick`` (shorter timing, no ``torch.compile``), ``--no-compile``,
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ._bench import Timing, format_seconds, measure
+from .tutorial.timing import Timing, format_seconds, measure
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
 
@@ -441,7 +441,7 @@ def _distributed_worker(rank: int, world_size: int, config: tuple[int, int, int,
 
 def distributed(min_run_time: float) -> str:
     from . import bench  # the worker by its importable name, even when this file runs as __main__
-    from .distributed import launch
+    from .launcher import launch
 
     header = ["members", "batch", "in", "hidden", "processes", "threads each", "inference+gather",
               "training step", "inference speedup", "training speedup"]  # fmt: skip

@@ -14,11 +14,10 @@ member order) travel.
   ``load`` use :mod:`torch.distributed.checkpoint`, with one key per member, so
   a checkpoint loads into any number of ranks and into a single-process
   :class:`~ensembling.Ensemble` (:func:`load_ensemble`);
-* :func:`launch` -- run a function on ``world_size`` local processes (gloo on
-  CPU) with a bounded timeout: the page, the tests and the benchmark use it;
-* ``python -m ensembling.distributed`` -- train a sharded ensemble on the
-  bundled digits data; run it with ``torchrun --nproc-per-node 2 -m
-  ensembling.distributed`` (gloo on CPU, NCCL on GPUs).
+
+To try it on one machine without ``torchrun``, :func:`ensembling.launcher.launch`
+runs a function on several local processes; ``torchrun --nproc-per-node 2 -m
+ensembling.tutorial.digits`` trains a sharded ensemble on the bundled digits data.
 
 Every collective is bounded by the process group's timeout; a failure
 (another rank crashed, or never called the collective) becomes an
@@ -27,32 +26,22 @@ Every collective is bounded by the process group's timeout; a failure
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
 import math
 import os
-import pickle
-import sys
-import tempfile
-import time
-import traceback
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from ._ensemble import Ensemble
 from ._errors import EnsembleError
 
-__all__ = ["ShardedEnsemble", "launch", "load_ensemble", "shard_members"]
+__all__ = ["ShardedEnsemble", "load_ensemble", "shard_members"]
 
 _COUNT_KEY = "ensemble.num_members"
 
@@ -322,254 +311,3 @@ def _collective(what: str, rank: int, call: Callable[[], Any]) -> Any:
             f"{str(err).splitlines()[0] if str(err) else ''}). Another rank probably failed or did not "
             f"call {what}: see its traceback. Collectives wait at most the process group's timeout."
         ) from err
-
-
-# -------------------------------------------------------------------- local launcher
-
-
-def _worker(rank: int, world_size: int, store: str, timeout_s: float, fn: Callable, args: tuple, out: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    outcome: tuple[str, Any]
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )  # fmt: skip
-        try:
-            outcome = ("ok", fn(rank, world_size, *args))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as err:  # reported to the parent, which raises
-        outcome = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
-    with open(f"{out}.tmp", "wb") as handle:
-        pickle.dump(outcome, handle)
-    os.replace(f"{out}.tmp", out)
-
-
-@contextlib.contextmanager
-def _main_module_hidden() -> Any:
-    """Start processes without making them re-run the parent's ``__main__`` script.
-
-    ``spawn`` normally re-imports the parent's main script in each child, which
-    re-runs an unguarded script (a tutorial run as ``python plot_09_....py``) and
-    fails. ``launch`` only sends importable functions, so the children do not
-    need it: while they start, ``__main__`` does not say where it came from.
-    """
-    main = sys.modules["__main__"]
-    saved = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
-    spec = getattr(main, "__spec__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.update(saved)
-        main.__spec__ = spec
-
-
-def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new local processes (gloo).
-
-    Each process joins a fresh gloo process group (through a file store: no
-    network port is opened) whose collectives time out after ``timeout_s``
-    seconds, and gets ``cpu_count // world_size`` threads. ``fn`` must be
-    importable (defined in a module, not in ``__main__`` or a notebook); the
-    children do not re-run the caller's script, so ``launch`` works from a
-    script without an ``if __name__ == "__main__"`` guard, a notebook, or a
-    docs build.
-
-    Parameters
-    ----------
-    fn : callable
-        ``fn(rank, world_size, *args)``; its return value must be picklable.
-    world_size : int
-        Number of processes.
-    *args
-        Passed to ``fn``.
-    timeout_s : float, default 60
-        Collective timeout in each process; the launcher itself waits at most
-        ``2 * timeout_s + 30`` seconds before killing the processes.
-
-    Returns
-    -------
-    list
-        ``fn``'s return values, by rank.
-
-    Raises
-    ------
-    EnsembleError
-        If any rank raised (with every failed rank's error) or did not finish in time.
-
-    Examples
-    --------
-    With a worker defined in an importable module::
-
-        results = launch(demo_worker, 2, 8, 100, 0)   # 8 members, 100 steps, seed 0, on 2 processes
-        results[0]["probs"].shape                     # gathered on every rank: [8, 360, 10]
-    """
-    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
-        raise EnsembleError(
-            f"launch: {getattr(fn, '__qualname__', fn)!r} is defined in a script, notebook or function, "
-            "so new processes cannot import it; move it to a module (a .py file on the import path) "
-            "and pass it from there."
-        )
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="ensembling-launch-") as tmp:
-        outs = [str(Path(tmp) / f"rank{r}.pkl") for r in range(world_size)]
-        procs = [
-            ctx.Process(target=_worker, args=(r, world_size, str(Path(tmp) / "store"), timeout_s, fn, args, outs[r]))
-            for r in range(world_size)
-        ]
-        with _main_module_hidden():
-            for p in procs:
-                p.start()
-        deadline = time.monotonic() + 2 * timeout_s + 30
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for r in hung:
-            procs[r].kill()
-            procs[r].join()
-        results, errors = [], []
-        for r, out in enumerate(outs):
-            if not Path(out).exists():
-                errors.append(f"rank {r}: no result ({'killed after the deadline' if r in hung else f'exit code {procs[r].exitcode}'})")
-                results.append(None)
-                continue
-            with open(out, "rb") as handle:
-                status, value = pickle.load(handle)
-            if status == "error":
-                errors.append(f"rank {r}: {value}")
-            results.append(value)
-        if errors:
-            raise EnsembleError("launch: " + f"{len(errors)} of {world_size} ranks failed:\n" + "\n".join(errors))
-        return results
-
-
-# -------------------------------------------------------------------- the digits demo
-
-
-def digits_data(device: torch.device | str = "cpu", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's bundled digits, scaled to [0, 1], with a seeded 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(X))
-    train, test = order[:cut], order[cut:]
-    return X[train].to(device), y[train].to(device), X[test].to(device), y[test].to(device)
-
-
-def digits_member() -> nn.Module:
-    """The member of the digits demo: 64 -> 64 -> 10."""
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def train_digits(
-    model: Ensemble | ShardedEnsemble,
-    num_members: int,
-    steps: int,
-    *,
-    seed: int = 0,
-    lr: float = 1e-2,
-    batch: int = 64,
-    device: torch.device | str = "cpu",
-) -> Ensemble | ShardedEnsemble:
-    """Train ``model`` (single-process or sharded) on the digits, bagging half the data per member.
-
-    The minibatch indices for *all* members come from one generator seeded
-    with ``seed``, identically on every rank; a sharded model uses its rows.
-    So a sharded run trains each member exactly as the single-process run does.
-    """
-    X_train, y_train, _, _ = digits_data(device)
-    generator = torch.Generator().manual_seed(seed)
-    half = len(X_train) // 2
-    subsets = torch.stack([torch.randperm(len(X_train), generator=generator)[:half] for _ in range(num_members)])
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = subsets.gather(1, torch.randint(half, (num_members, batch), generator=generator)).to(device)
-        if isinstance(model, ShardedEnsemble):
-            idx = model.local_inputs(idx)
-            logits = model.local(X_train[idx], in_dims=0)
-        else:
-            logits = model(X_train[idx], in_dims=0)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none")
-        optimizer.zero_grad()
-        loss.view(idx.shape).mean(dim=1).sum().backward()  # each member's own gradient, no all-reduce
-        optimizer.step()
-    return model
-
-
-def demo_worker(rank: int, world_size: int, num_members: int, steps: int, seed: int) -> dict[str, Any]:
-    """Train a sharded digits ensemble; return the gathered test predictions and timings (for :func:`launch`)."""
-    sharded = ShardedEnsemble(digits_member, num_members, seed=seed)
-    start = time.perf_counter()
-    train_digits(sharded, num_members, steps, seed=seed)
-    train_s = time.perf_counter() - start
-    _, _, X_test, _ = digits_data()
-    sharded.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        local = sharded(X_test)  # [this rank's members, test, 10]
-        forward_s = time.perf_counter() - start
-        start = time.perf_counter()
-        logits = sharded.gather(local)  # [all members, test, 10], in member order
-        gather_s = time.perf_counter() - start
-    return {
-        "members": sharded.members,
-        "probs": logits.softmax(dim=-1),
-        "seconds": {"train": train_s, "forward": forward_s, "gather": gather_s},
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m ensembling.distributed",
-        description="Train a sharded ensemble on scikit-learn's digits and report its accuracy.",
-    )
-    parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout, seconds")
-    parser.add_argument("--checkpoint", default=None, help="directory to save the trained ensemble to")
-    args = parser.parse_args(argv)
-
-    if "RANK" not in os.environ:
-        parser.error("run me under torchrun, e.g. torchrun --nproc-per-node 2 -m ensembling.distributed")
-    use_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout),
-        **({"device_id": device} if use_cuda else {}),
-    )  # fmt: skip
-    try:
-        start = time.perf_counter()
-        sharded = ShardedEnsemble(digits_member, args.members, seed=args.seed, device=device)
-        print(f"[rank {sharded.rank}] {sharded.extra_repr()}, device {device}", flush=True)
-        train_digits(sharded, args.members, args.steps, seed=args.seed, device=device)
-        _, _, X_test, y_test = digits_data(device)
-        sharded.eval()
-        probs = sharded.predict(X_test).softmax(dim=-1)  # [members, test, 10], on every rank
-        if args.checkpoint:
-            sharded.save(args.checkpoint)
-        if sharded.rank == 0:
-            member_acc = (probs.argmax(-1) == y_test).float().mean(dim=1)
-            ensemble_acc = (probs.mean(0).argmax(-1) == y_test).float().mean()
-            print(
-                f"{args.members} members on {sharded.world_size} ranks ({dist.get_backend()}), "
-                f"{args.steps} steps in {time.perf_counter() - start:.1f} s: ensemble accuracy "
-                f"{100 * ensemble_acc:.1f}%, members {100 * member_acc.min():.1f}-{100 * member_acc.max():.1f}% "
-                f"(mean {100 * member_acc.mean():.1f}%)",
-                flush=True,
-            )
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

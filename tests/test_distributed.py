@@ -9,15 +9,9 @@ import torch
 from torch import nn
 
 from ensembling import Ensemble, EnsembleError
-from ensembling.distributed import (
-    ShardedEnsemble,
-    digits_data,
-    digits_member,
-    launch,
-    load_ensemble,
-    shard_members,
-    train_digits,
-)
+from ensembling.distributed import ShardedEnsemble, load_ensemble, shard_members
+from ensembling.launcher import launch
+from ensembling.tutorial.digits import digits_data, digits_member, train_digits
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 20.0

@@ -160,9 +160,9 @@ def test_nbval_masks_measured_lines_but_compares_the_rest(tmp_path: Path, notebo
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(
-            "import time, ensembling\n"
+            "import time, ensembling.tutorial\n"
             "print('shape [3, 4]')\n"
-            "ensembling.print_measured(f'took {time.perf_counter_ns()} ns')"
+            "ensembling.tutorial.print_measured(f'took {time.perf_counter_ns()} ns')"
         )
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

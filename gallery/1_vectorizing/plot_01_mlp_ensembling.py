@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import ensembling
-from ensembling import print_measured
+from ensembling.tutorial import compare, plot_timings, print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()
@@ -216,7 +216,7 @@ print("with torch.where:", list(ok.shape))
 # We time the loop and ``vmap`` for three ensembles, each member seeing its
 # own minibatch: the tutorial's ten 784-128-128-10 MLPs, a hundred small
 # 32-32-32-10 MLPs and five hundred tiny 16-16-16-10 MLPs, the last two on
-# minibatches of 8. :func:`ensembling.measure` uses
+# minibatches of 8. :func:`ensembling.tutorial.measure` uses
 # :mod:`torch.utils.benchmark` and synchronizes the accelerator, so the numbers
 # include the kernels, not just their launch.
 
@@ -237,7 +237,7 @@ def loop_and_vmap(num: int, batch: int, in_features: int, hidden: int) -> dict:
         return batched(p, b, xs)
 
     torch.testing.assert_close(vmapped(), loop(), **tol)  # same answer first
-    return ensembling.compare({"loop": loop, "vmap": vmapped}, device=device)
+    return compare({"loop": loop, "vmap": vmapped}, device=device)
 
 
 configs = {
@@ -252,7 +252,7 @@ for label, times in results.items():
 # %%
 # The figure puts the medians side by side on a log scale and writes the
 # speedup (loop time / vmap time) above each ``vmap`` bar.
-ax = ensembling.plot_timings(results, baseline="loop", title=f"loop vs vmap on {device.type}")
+ax = plot_timings(results, baseline="loop", title=f"loop vs vmap on {device.type}")
 plt.show()
 
 # %%

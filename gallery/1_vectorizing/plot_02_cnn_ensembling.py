@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import ensembling
-from ensembling import print_measured
+from ensembling.tutorial import compare, plot_timings, print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()
@@ -204,7 +204,7 @@ def loop_and_vmap(num: int, batch: int, c1: int, c2: int, hidden: int, image: in
     torch.testing.assert_close(
         vmapped(), loop(), **ensembling.tolerances(torch.float32, device, op="conv")
     )
-    return ensembling.compare({"loop": loop, "vmap": vmapped}, device=device, min_run_time=0.3)
+    return compare({"loop": loop, "vmap": vmapped}, device=device, min_run_time=0.3)
 
 
 configs = {
@@ -212,7 +212,7 @@ configs = {
     "100 CNNs (4/8 ch)\n12x12, batch 8": (100, 8, 4, 8, 16, 12),
 }
 results = {label: loop_and_vmap(*shape) for label, shape in configs.items()}
-ensembling.plot_timings(results, baseline="loop", title=f"CNN ensembles on {device.type}")
+plot_timings(results, baseline="loop", title=f"CNN ensembles on {device.type}")
 plt.show()
 
 # %%

@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import ensembling
-from ensembling import print_measured
+from ensembling.tutorial import print_measured
 
 try:
     from functorch import combine_state_for_ensemble

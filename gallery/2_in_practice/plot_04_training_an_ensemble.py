@@ -38,7 +38,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import ensembling
-from ensembling import Ensemble, print_measured
+from ensembling import Ensemble
+from ensembling.tutorial import print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()

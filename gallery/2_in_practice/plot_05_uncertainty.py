@@ -33,7 +33,8 @@ from sklearn.datasets import load_digits, make_moons
 from torch import nn
 
 import ensembling
-from ensembling import Ensemble, print_measured
+from ensembling import Ensemble
+from ensembling.tutorial import print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()

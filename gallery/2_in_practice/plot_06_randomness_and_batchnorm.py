@@ -35,7 +35,8 @@ from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state
 
 import ensembling
-from ensembling import Ensemble, print_measured
+from ensembling import Ensemble
+from ensembling.tutorial import print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()

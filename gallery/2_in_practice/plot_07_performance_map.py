@@ -26,7 +26,7 @@ page.
 # ------
 # The members are MLPs ``width -> width -> width -> 10`` (``nn.Sequential`` of
 # ``Linear`` and ``ReLU``) evaluated on minibatches of 32. Timings use
-# :func:`ensembling.measure` (median of repeated runs, synchronized), kept
+# :func:`ensembling.tutorial.measure` (median of repeated runs, synchronized), kept
 # short so the page stays quick on a laptop CPU.
 import warnings
 
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ensembling
-from ensembling import Ensemble, peak_memory, print_measured
+from ensembling import Ensemble, peak_memory
+from ensembling.tutorial import measure, print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()
@@ -54,7 +55,7 @@ def make_member(width: int) -> nn.Module:
 
 
 def timed(fn) -> float:
-    return ensembling.measure(fn, device=device, min_run_time=0.03, warmup=1).median
+    return measure(fn, device=device, min_run_time=0.03, warmup=1).median
 
 
 # %%

@@ -36,7 +36,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import ensembling
-from ensembling import Ensemble, print_measured
+from ensembling import Ensemble
+from ensembling.tutorial import measure, print_measured
 
 torch.manual_seed(0)
 device = ensembling.default_device()
@@ -224,7 +225,7 @@ print("all three compile as one graph, with the same outputs")
 # the loop, one for the ensemble, which updates each member exactly as its own
 # optimizer would).
 def timed(fn) -> float:
-    return ensembling.measure(fn, device=device, min_run_time=0.05, warmup=2).median
+    return measure(fn, device=device, min_run_time=0.05, warmup=2).median
 
 
 results = {}

@@ -25,7 +25,7 @@ page starts two CPU processes itself; no GPU is needed.
 # Set-up
 # ------
 # The worker that each process runs lives in the package
-# (:func:`ensembling.distributed.demo_worker`), because a new process must be
+# (:func:`ensembling.tutorial.digits.demo_worker`), because a new process must be
 # able to import it: functions defined in a notebook or script cannot be sent.
 import os
 
@@ -33,15 +33,11 @@ import matplotlib.pyplot as plt
 import torch
 
 import ensembling
-from ensembling import Ensemble, print_measured
-from ensembling.distributed import (
-    demo_worker,
-    digits_data,
-    digits_member,
-    launch,
-    shard_members,
-    train_digits,
-)
+from ensembling import Ensemble
+from ensembling.distributed import shard_members
+from ensembling.launcher import launch
+from ensembling.tutorial import print_measured
+from ensembling.tutorial.digits import demo_worker, digits_data, digits_member, train_digits
 
 torch.manual_seed(0)
 print_measured(
@@ -126,7 +122,7 @@ plt.show()
 #
 # A live run on two processes
 # ---------------------------
-# :func:`ensembling.distributed.launch` starts two local processes joined in a
+# :func:`ensembling.launcher.launch` starts two local processes joined in a
 # gloo process group (with a bounded timeout, so a failure is an error and not
 # a hang). Each trains its half of an 8-member ensemble on the digits for 100
 # steps and gathers the test predictions.
@@ -182,11 +178,11 @@ print_measured(
 # -------------------
 # The same module is a ``torchrun`` entry point. On CPUs (gloo)::
 #
-#     torchrun --nproc-per-node 2 -m ensembling.distributed --members 16 --steps 300
+#     torchrun --nproc-per-node 2 -m ensembling.tutorial.digits --members 16 --steps 300
 #
 # On a machine with 4 GPUs (NCCL, one GPU per process)::
 #
-#     torchrun --nproc-per-node 4 -m ensembling.distributed --members 64 --checkpoint ckpt/
+#     torchrun --nproc-per-node 4 -m ensembling.tutorial.digits --members 64 --checkpoint ckpt/
 #
 # ``--checkpoint`` writes a :mod:`torch.distributed.checkpoint` directory with
 # one entry per member. :meth:`~ensembling.distributed.ShardedEnsemble.load`
