@@ -92,8 +92,8 @@ print("'same':      rows share masks:   ", torch.equal(dropped(same[0, 0]), drop
 # %%
 # The masks themselves, for the first row of the minibatch: one line per member,
 # a dark cell where a unit was dropped.
-# sphinx_gallery_thumbnail_path = "_static/thumbs/plot_06_dropout_masks.png"
 fig, axes = plt.subplots(1, 2, figsize=(8, 1.9), layout="constrained", sharey=True)
+# sphinx_gallery_thumbnail_path = "_static/thumbs/plot_06_dropout_masks.png"
 for ax, (mode, out) in zip(axes, [("different", different), ("same", same)]):
     ax.imshow(
         dropped(out[:, 0]).float().cpu().numpy(),

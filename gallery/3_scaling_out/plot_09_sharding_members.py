@@ -81,8 +81,8 @@ for world_size in (2, 3, 4):
         [list(shard_members(10, world_size, r)) for r in range(world_size)],
     )
 
-# sphinx_gallery_thumbnail_path = "_static/thumbs/plot_09_shard_layout.png"
 fig, ax = plt.subplots(figsize=(7, 1.8), layout="constrained")
+# sphinx_gallery_thumbnail_path = "_static/thumbs/plot_09_shard_layout.png"
 for row, world_size in enumerate((2, 3, 4)):
     for rank in range(world_size):
         block = shard_members(10, world_size, rank)
