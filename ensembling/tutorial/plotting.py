@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ._bench import Timing
+from .timing import Timing, format_ratio, speedup
 
 if TYPE_CHECKING:  # matplotlib is only needed when a figure is drawn
     from matplotlib.axes import Axes
@@ -20,7 +20,7 @@ def plot_timings(
     ax: Axes | None = None,
     title: str | None = None,
 ) -> Axes:
-    """Grouped bar chart of median times, annotated with the speedup over ``baseline``.
+    """Grouped bar chart of median times with their spread, annotated with the speedup over ``baseline``.
 
     Parameters
     ----------
@@ -37,8 +37,10 @@ def plot_timings(
     Returns
     -------
     matplotlib.axes.Axes
-        Log-scale time axis, one group of bars per configuration; each
-        non-baseline bar is labelled ``N.Nx`` (baseline time / its time).
+        Log-scale time axis, one group of bars per configuration, each bar the
+        median with a line from the 10th to the 90th percentile of its rounds;
+        each non-baseline bar is labelled with its median speedup over the
+        baseline (see :func:`ensembling.tutorial.speedup`), e.g. ``2.0x``.
 
     Examples
     --------
@@ -53,7 +55,9 @@ def plot_timings(
 
     configs = list(results)
     if not configs:
-        raise ValueError("plot_timings: results is empty; time at least one configuration")
+        raise ValueError(
+            "plot_timings: results is empty; time at least one configuration"
+        )
     methods = list(results[configs[0]])
     for config in configs:
         if list(results[config]) != methods:
@@ -62,20 +66,42 @@ def plot_timings(
                 f"but {configs[0]!r} times {methods}; time the same methods everywhere"
             )
     if baseline not in methods:
-        raise ValueError(f"plot_timings: baseline {baseline!r} is not one of the methods {methods}")
+        raise ValueError(
+            f"plot_timings: baseline {baseline!r} is not one of the methods {methods}"
+        )
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(1.6 + 1.9 * len(configs), 3.8), layout="constrained")
+        _, ax = plt.subplots(
+            figsize=(1.6 + 1.9 * len(configs), 3.8), layout="constrained"
+        )
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
         xs = [c + (m - (len(methods) - 1) / 2) * width for c in range(len(configs))]
-        medians = [results[config][method].median * 1e3 for config in configs]
-        ax.bar(xs, medians, width=width, label=method)
+        timings = [results[config][method] for config in configs]
+        medians = [t.median * 1e3 for t in timings]
+        spread = [
+            [1e3 * (t.median - t.low) for t in timings],
+            [1e3 * (t.high - t.median) for t in timings],
+        ]
+        ax.bar(
+            xs,
+            medians,
+            width=width,
+            label=method,
+            yerr=spread,
+            error_kw={"linewidth": 0.8},
+        )
         if method == baseline:
             continue
-        for x, config, median in zip(xs, configs, medians):
-            speedup = results[config][baseline].median / results[config][method].median
-            ax.annotate(f"{speedup:.1f}x", (x, median), ha="center", va="bottom", fontsize=8)
+        for x, config, t in zip(xs, configs, timings):
+            ratio = speedup(t, results[config][baseline]).value
+            ax.annotate(
+                format_ratio(ratio),
+                (x, 1e3 * t.high),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(configs)), configs)
     ax.set_yscale("log")
     ax.set_ylabel("median time per call (ms, log scale)")
