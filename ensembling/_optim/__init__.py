@@ -1,0 +1,1 @@
+"""Implementation of :mod:`ensembling.optim` (per-member hyperparameters); import from there."""
