@@ -109,3 +109,19 @@ def test_stored_torch_inventory_is_current() -> None:
     for name, role, uri, anchor in tool.entries():
         fresh.setdefault(f"py:{role}", {})[name] = f"{TORCH_DOCS}{uri}#{anchor}"
     assert fresh == stored, "stale: run tools/torch_inventory.py"
+
+
+@needs_site
+def test_no_card_thumbnail_is_a_thin_strip() -> None:
+    """Every card's thumbnail fills its box enough to read: its drawing is at most 3 times wider than tall."""
+    from PIL import Image, ImageChops
+
+    index = SITE / "tutorials" / "index.html"
+    sources = re.findall(r'<img[^>]*src="([^"]*thumb[^"]*)"', index.read_text(encoding="utf-8"))
+    strips = {}
+    for source in sources:
+        image = Image.open(index.parent / source).convert("RGB")
+        box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).getbbox()
+        if box and (box[2] - box[0]) > 3 * (box[3] - box[1]):
+            strips[source] = box
+    assert not strips, f"thin-strip thumbnails (give the page a dedicated one, tools/thumbnails.py): {strips}"
