@@ -51,6 +51,11 @@ class MemberValues(Tensor):
             return self
         return super().fill_(value)
 
+    def __format__(self, format_spec: str) -> str:
+        if self.dim() == 0:
+            return format(self.item(), format_spec)
+        return super().__format__(format_spec)
+
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         with torch._C.DisableTorchFunctionSubclass():
             return "MemberValues" + repr(self.as_subclass(Tensor))[len("tensor") :]
