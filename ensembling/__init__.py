@@ -1,7 +1,8 @@
 """Vectorized model ensembling in PyTorch.
 
 The library: :class:`Ensemble` (many same-architecture modules stored stacked
-and run as one), :class:`EnsembleError`, the device helpers
+and run as one), :class:`EnsembleError`, :func:`ensemble_loss` (the objective
+that trains every member as if alone), the device helpers
 (:func:`default_device`, :func:`synchronize`, :func:`tolerances` for honest
 loop-vs-vectorized comparisons, :func:`peak_memory`), ``ensembling.legacy``
 (the deprecated ``functorch.combine_state_for_ensemble``, for migrating old
@@ -16,12 +17,14 @@ never imports it.
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
 from ._errors import EnsembleError
+from ._loss import ensemble_loss
 from ._memory import peak_memory
 
 __all__ = [
     "Ensemble",
     "EnsembleError",
     "default_device",
+    "ensemble_loss",
     "peak_memory",
     "synchronize",
     "tolerances",

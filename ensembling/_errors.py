@@ -28,3 +28,7 @@ class EnsembleError(ValueError, RuntimeError):
     ...         print(err)
     combine_state_for_ensemble: got an empty list of models; pass at least one nn.Module.
     """
+
+
+# Tracebacks and the docs show the public name, ``ensembling.EnsembleError``.
+EnsembleError.__module__ = "ensembling"

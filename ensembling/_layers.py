@@ -35,9 +35,17 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._errors import EnsembleError
+from ._state import meta_copy
 
-__all__ = ["attention_context", "attention_settings", "cell_forward", "embedding_forward", "make_runner", "rnn_forward"]
-
+__all__ = [
+    "attention_context",
+    "attention_settings",
+    "cell_forward",
+    "describe_stand_ins",
+    "embedding_forward",
+    "make_runner",
+    "rnn_forward",
+]
 
 
 def _is_batched(module: nn.Module, input: Tensor, batched_dims: int) -> bool:
@@ -228,8 +236,6 @@ def make_runner(template: nn.Module) -> nn.Module:
     of its own is left alone, and reported by :class:`~ensembling.Ensemble` if
     ``vmap`` then fails.
     """
-    from ._ensemble import meta_copy  # a cycle at import time otherwise
-
     runner = meta_copy(template)
     for module in runner.modules():
         kind = type(module)
@@ -247,6 +253,31 @@ def make_runner(template: nn.Module) -> nn.Module:
         elif kind is nn.Embedding and module.padding_idx is not None and module.max_norm is None:
             module.__class__ = _Embedding  # (max_norm rewrites the table in place: keep torch's forward)
     return runner
+
+
+def describe_stand_ins(runner: nn.Module, device: torch.device) -> list[str]:
+    """What runs in place of torch's own layers in ``runner`` on ``device``, one entry per layer.
+
+    Examples
+    --------
+    >>> runner = make_runner(nn.Sequential(nn.LSTM(3, 4), nn.Embedding(9, 4, padding_idx=0)))
+    >>> describe_stand_ins(runner, torch.device("cpu"))
+    ['0 (LSTM): unrolled recurrence', '1 (Embedding): padding row kept out of the gradient']
+    """
+    found = []
+    for name, module in runner.named_modules():
+        label = name or "<root>"
+        if isinstance(module, _Recurrent):
+            kind = {"RNN_TANH": "RNN", "RNN_RELU": "RNN"}.get(module.mode, module.mode)
+            found.append(f"{label} ({kind}): unrolled recurrence")
+        elif isinstance(module, _Cell):
+            found.append(f"{label} ({module._cell_kind}Cell): unrolled cell")
+        elif isinstance(module, _Embedding):
+            found.append(f"{label} (Embedding): padding row kept out of the gradient")
+        elif isinstance(module, nn.MultiheadAttention):
+            backend = "fused kernels" if device.type == "cuda" else "math backend"
+            found.append(f"{label} (MultiheadAttention): no fast path, attention on the {backend}")
+    return found
 
 
 class attention_settings:

@@ -16,21 +16,10 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_members(models: Iterable[nn.Module], caller: str) -> list[nn.Module]:
-    """Return ``models`` as a list, or raise :class:`EnsembleError` unless they stack member for member.
-
-    ``models`` may be any iterable of modules: a list, a tuple, an
-    ``nn.ModuleList`` or a generator (consumed once, here). Every member must
-    be an ``nn.Module`` of the first member's class, in the same train/eval
-    mode, with the same parameter and buffer names, and each tensor must
-    match the first member's in shape, dtype, device and (for parameters)
-    ``requires_grad``. The first difference found is reported, with the
-    member index and the tensor name.
-    """
+def _as_list(models: Iterable[nn.Module], caller: str) -> list[nn.Module]:
+    """``models`` as a non-empty list of modules, or an error saying what to pass instead."""
     if isinstance(models, (Mapping, nn.ModuleDict)):
-        raise EnsembleError(
-            f"{caller}: got a {type(models).__name__}; pass its modules as a list, list(d.values())."
-        )
+        raise EnsembleError(f"{caller}: got a {type(models).__name__}; pass its modules as a list, list(d.values()).")
     if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
         raise EnsembleError(
             f"{caller}: got a single {type(models).__name__}, not a list of modules; "
@@ -41,9 +30,7 @@ def check_members(models: Iterable[nn.Module], caller: str) -> list[nn.Module]:
     try:
         models = list(models)
     except TypeError:
-        raise EnsembleError(
-            f"{caller}: expected a list of nn.Module, got {type(models).__name__}."
-        ) from None
+        raise EnsembleError(f"{caller}: expected a list of nn.Module, got {type(models).__name__}.") from None
     if not models:
         raise EnsembleError(f"{caller}: got an empty list of models; pass at least one nn.Module.")
     for i, m in enumerate(models):
@@ -52,50 +39,75 @@ def check_members(models: Iterable[nn.Module], caller: str) -> list[nn.Module]:
                 f"{caller}: member {i} is a {type(m).__name__}, not an nn.Module; "
                 "pass the modules themselves (not their state_dicts or outputs)."
             )
-    first = models[0]
-    cls = type(first)
-    ref_params = dict(first.named_parameters())
-    ref_buffers = dict(first.named_buffers())
+    return models
+
+
+def _check_tensor(
+    caller: str, kind: str, name: str, i: int, r: torch.Tensor, t: torch.Tensor, requires_grad: bool
+) -> None:
+    """Member ``i``'s tensor ``t`` against member 0's ``r``: shape, dtype, device, ``requires_grad``."""
+    for what, a, b, fix in (
+        ("shape", r.shape, t.shape, "build every member with the same sizes"),
+        ("dtype", r.dtype, t.dtype, f"convert every member, e.g. model.to({r.dtype})"),
+        ("device", r.device, t.device, f"move every member to one device, e.g. model.to('{r.device}')"),
+    ):
+        if a != b:
+            raise EnsembleError(
+                f"{caller}: {kind} {name!r} of member {i} has {what} "
+                f"{list(b) if what == 'shape' else b}, but member 0's has "
+                f"{list(a) if what == 'shape' else a} ({_describe(t)} vs {_describe(r)}); {fix}."
+            )
+    if requires_grad and kind == "parameter" and r.requires_grad != t.requires_grad:
+        raise EnsembleError(
+            f"{caller}: parameter {name!r} of member {i} has requires_grad="
+            f"{t.requires_grad}, but member 0's has requires_grad={r.requires_grad}; "
+            "freeze (requires_grad_(False)) the same parameters in every member."
+        )
+
+
+def _check_member(caller: str, first: nn.Module, i: int, m: nn.Module, requires_grad: bool) -> None:
+    """Member ``i`` against member 0: class, train/eval mode, tensor names, then each tensor."""
+    if type(m) is not type(first):
+        raise EnsembleError(
+            f"{caller}: member {i} is a {type(m).__qualname__}, but member 0 is a "
+            f"{type(first).__qualname__}; every member must be an instance of the same class."
+        )
+    if m.training != first.training:
+        def mode(mod: nn.Module) -> str:
+            return "train" if mod.training else "eval"
+
+        raise EnsembleError(
+            f"{caller}: member {i} is in {mode(m)} mode but member 0 is in {mode(first)} mode; "
+            "call .train() or .eval() on every member before stacking."
+        )
+    for kind, ref, mine in (
+        ("parameter", dict(first.named_parameters()), dict(m.named_parameters())),
+        ("buffer", dict(first.named_buffers()), dict(m.named_buffers())),
+    ):
+        missing, extra = sorted(set(ref) - set(mine)), sorted(set(mine) - set(ref))
+        if missing or extra:
+            raise EnsembleError(
+                f"{caller}: member {i} has different {kind}s than member 0 "
+                f"(missing: {missing}, unexpected: {extra}); every member needs the same "
+                "architecture and configuration."
+            )
+        for name, r in ref.items():
+            _check_tensor(caller, kind, name, i, r, mine[name], requires_grad)
+
+
+def check_members(models: Iterable[nn.Module], caller: str, requires_grad: bool = True) -> list[nn.Module]:
+    """Return ``models`` as a list, or raise :class:`EnsembleError` unless they stack member for member.
+
+    ``models`` may be any iterable of modules: a list, a tuple, an
+    ``nn.ModuleList`` or a generator (consumed once, here). Every member must
+    be an ``nn.Module`` of the first member's class, in the same train/eval
+    mode, with the same parameter and buffer names, and each tensor must
+    match the first member's in shape, dtype, device and (for parameters)
+    ``requires_grad`` (unless ``requires_grad=False``: the legacy API returns
+    detached stacks, so it never compared the flags). The first
+    difference found is reported, with the member index and the tensor name.
+    """
+    models = _as_list(models, caller)
     for i, m in enumerate(models[1:], start=1):
-        if type(m) is not cls:
-            raise EnsembleError(
-                f"{caller}: member {i} is a {type(m).__qualname__}, but member 0 is a "
-                f"{cls.__qualname__}; every member must be an instance of the same class."
-            )
-        if m.training != first.training:
-            mode = lambda mod: "train" if mod.training else "eval"  # noqa: E731
-            raise EnsembleError(
-                f"{caller}: member {i} is in {mode(m)} mode but member 0 is in {mode(first)} mode; "
-                "call .train() or .eval() on every member before stacking."
-            )
-        for kind, ref, mine in (
-            ("parameter", ref_params, dict(m.named_parameters())),
-            ("buffer", ref_buffers, dict(m.named_buffers())),
-        ):
-            missing, extra = sorted(set(ref) - set(mine)), sorted(set(mine) - set(ref))
-            if missing or extra:
-                raise EnsembleError(
-                    f"{caller}: member {i} has different {kind}s than member 0 "
-                    f"(missing: {missing}, unexpected: {extra}); every member needs the same "
-                    "architecture and configuration."
-                )
-            for name, r in ref.items():
-                t = mine[name]
-                for what, a, b, fix in (
-                    ("shape", r.shape, t.shape, "build every member with the same sizes"),
-                    ("dtype", r.dtype, t.dtype, f"convert every member, e.g. model.to({r.dtype})"),
-                    ("device", r.device, t.device, f"move every member to one device, e.g. model.to('{r.device}')"),
-                ):
-                    if a != b:
-                        raise EnsembleError(
-                            f"{caller}: {kind} {name!r} of member {i} has {what} "
-                            f"{list(b) if what == 'shape' else b}, but member 0's has "
-                            f"{list(a) if what == 'shape' else a} ({_describe(t)} vs {_describe(r)}); {fix}."
-                        )
-                if kind == "parameter" and r.requires_grad != t.requires_grad:
-                    raise EnsembleError(
-                        f"{caller}: parameter {name!r} of member {i} has requires_grad="
-                        f"{t.requires_grad}, but member 0's has requires_grad={r.requires_grad}; "
-                        "freeze (requires_grad_(False)) the same parameters in every member."
-                    )
+        _check_member(caller, models[0], i, m, requires_grad)
     return models

@@ -51,6 +51,7 @@ from torch.func import functional_call, stack_module_state
 from .tutorial.timing import Timing, format_seconds, measure
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
+from ._loss import ensemble_loss
 
 CONFIGS = [(10, 64, 784, 128), (100, 64, 784, 128), (100, 8, 32, 32), (1000, 8, 16, 16)]
 CLASSES = 10
@@ -221,7 +222,7 @@ def training(device: torch.device, min_run_time: float) -> str:
                 ens_opt.zero_grad(set_to_none=True)
                 logits = s.ensemble(x, in_dims=in_dims)  # [members, batch, classes]
                 per_member = F.cross_entropy(logits.flatten(0, 1), s.target.flatten(), reduction="none")
-                per_member.view(len(s.models), -1).mean(dim=1).sum().backward()
+                ensemble_loss(per_member.view(len(s.models), -1)).backward()
                 ens_opt.step()
 
             t_loop = measure(loop_step, device=device, min_run_time=min_run_time)
@@ -295,7 +296,7 @@ def zoo(device: torch.device, min_run_time: float, members: int = 16, batch: int
         def ensemble_step() -> None:
             ens_opt.zero_grad(set_to_none=True)
             out = _first(ens(*args))  # [members, ...]: each member's mean, summed
-            out.square().flatten(1).mean(dim=1).sum().backward()
+            ensemble_loss(out.square()).backward()
             ens_opt.step()
 
         s_loop = measure(loop_step, device=device, min_run_time=min_run_time)
@@ -411,7 +412,7 @@ def _distributed_worker(rank: int, world_size: int, config: tuple[int, int, int,
         optimizer.zero_grad(set_to_none=True)
         logits = sharded(xs, in_dims=0)
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        loss.view(target.shape).mean(dim=1).sum().backward()
+        ensemble_loss(loss.view(target.shape)).backward()
         optimizer.step()
 
     def timed(fn: Callable[[], None]) -> float:

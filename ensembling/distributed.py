@@ -72,7 +72,7 @@ def shard_members(num_members: int, world_size: int, rank: int) -> range:
     >>> shard_members(2, 3, 0)
     Traceback (most recent call last):
     ...
-    ensembling._errors.EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s) without members; use at most 2 processes (or more members).
+    ensembling.EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s) without members; use at most 2 processes (or more members).
     """
     if world_size > num_members:
         raise EnsembleError(
@@ -148,7 +148,7 @@ class ShardedEnsemble(nn.Module):
         self.num_members = num_members
         self.members = shard_members(num_members, world_size, rank)
         self.seed = seed
-        self.local = Ensemble._shard(factory, num_members, self.members, seed, device=device, **ensemble_options)
+        self.local = Ensemble(factory, num_members, seed=seed, members=self.members, device=device, **ensemble_options)
 
     def __len__(self) -> int:
         return self.num_members
@@ -240,11 +240,10 @@ class ShardedEnsemble(nn.Module):
         with torch.no_grad():
             params = {name: self.gather(t) for name, t in local.named_stacked_parameters().items()}
             buffers = {name: self.gather(t) for name, t in local.named_stacked_buffers().items()}
-        requires_grad = {name: t.requires_grad for name, t in local.named_stacked_parameters().items()}
-        whole = Ensemble._from_stacked(
-            local._template, params, buffers, requires_grad, local.randomness, local.chunk_size, local.fast_path
-        )
-        return whole.train(local.training)
+            for name, t in local.named_stacked_parameters().items():
+                params[name].requires_grad_(t.requires_grad)
+        options = {"randomness": local.randomness, "chunk_size": local.chunk_size, "fast_path": local.fast_path}
+        return Ensemble.from_stacked(local[0], params, buffers, **options)
 
 
 def _load_in_this_process(state: dict[str, Tensor], path: str | os.PathLike) -> None:

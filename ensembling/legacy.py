@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._ensemble import meta_copy
+from ._state import meta_copy
 from ._validate import check_members
 
 __all__ = ["FunctionalModuleWithBuffers", "combine_state_for_ensemble"]
@@ -79,8 +79,10 @@ def combine_state_for_ensemble(
     Parameters
     ----------
     models : iterable of nn.Module
-        ``M`` models of one class (a list, tuple, ``nn.ModuleList`` or generator), in the same train/eval mode, with equally
-        shaped parameters and buffers.
+        ``M`` models of one class (a list, tuple, ``nn.ModuleList`` or
+        generator), in the same train/eval mode, with equally shaped
+        parameters and buffers. Their ``requires_grad`` flags may differ, as
+        functorch allowed: the stacks are detached either way.
 
     Returns
     -------
@@ -107,7 +109,8 @@ def combine_state_for_ensemble(
     torch.Size([4, 5, 2])
     """
     warnings.warn(DEPRECATION, FutureWarning, stacklevel=2)
-    models = check_members(models, "combine_state_for_ensemble")
+    # Like functorch, members may differ in requires_grad: the stacks are detached anyway.
+    models = check_members(models, "combine_state_for_ensemble", requires_grad=False)
     param_names = tuple(name for name, _ in models[0].named_parameters())
     buffer_names = tuple(name for name, _ in models[0].named_buffers())
     params = tuple(

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ensembling import Ensemble, EnsembleError
+from ensembling import Ensemble, EnsembleError, ensemble_loss
 
 # ----------------------------------------------------------------------------- the model zoo
 
@@ -250,7 +250,7 @@ def test_fast_path_with_large_weights_uses_the_transposed_layout_correctly() -> 
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 4)) for _ in range(20)]
     fast, slow = Ensemble.from_modules(models), Ensemble.from_modules(models, fast_path=False)
-    assert fast._fast_weights_are_large
+    assert fast._fast.weights_are_large
     for x, in_dims in ((torch.randn(6, 300), None), (torch.randn(20, 6, 300), 0)):
         fast.zero_grad(), slow.zero_grad()
         a, b = fast(x, in_dims=in_dims), slow(x, in_dims=in_dims)
@@ -479,7 +479,7 @@ def _train(models_or_ens, optimizer_factory, xs, targets, steps, ensemble: bool)
             opt.zero_grad()
             logits = ens(xs, in_dims=0)
             per_member = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            per_member.view(len(ens), -1).mean(dim=1).sum().backward()
+            ensemble_loss(per_member.view(len(ens), -1)).backward()
             opt.step()
         return ens.unstack()
     opts = [optimizer_factory(m.parameters()) for m in models_or_ens]
@@ -526,7 +526,7 @@ def test_gradient_norm_clipping_on_stacked_tensors_breaks_the_equivalence() -> N
     ens = Ensemble.from_modules(copy.deepcopy(models))
     xs, targets = torch.randn(4, 16, 12) * 10, torch.randint(0, 5, (4, 16))
     logits = ens(xs, in_dims=0)
-    F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(4, -1).mean(1).sum().backward()
+    ensemble_loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(4, -1)).backward()
     joint = ens.stacked.fc1.weight.grad.clone()
     torch.nn.utils.clip_grad_norm_(ens.parameters(), max_norm=0.1)
     per_member_norms = joint.flatten(1).norm(dim=1)

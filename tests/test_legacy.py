@@ -93,3 +93,14 @@ def test_errors_name_the_member_and_are_runtime_errors(models: list, match: str)
     with pytest.raises(RuntimeError, match=match) as info:
         combine_state_for_ensemble(models)
     assert isinstance(info.value, EnsembleError)
+
+
+def test_mixed_requires_grad_is_accepted_like_functorch() -> None:
+    """Members that differ in requires_grad stack (detached), as functorch's combine_state_for_ensemble allowed."""
+    models = [nn.Linear(3, 2) for _ in range(3)]
+    models[1].weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _, params, _ = combine_state_for_ensemble(models)
+    assert not any(p.requires_grad for p in params)
+    torch.testing.assert_close(params[0][1], models[1].weight.detach())

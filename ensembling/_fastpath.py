@@ -1,0 +1,274 @@
+"""The fast path: a member that is a chain of Linear / Dropout / element-wise layers, run as batched products.
+
+:meth:`FastPath.plan` reads the chain (an ``nn.Sequential``, or any module whose
+``torch.fx`` trace is one) into typed steps, once; :meth:`FastPath.run` executes
+them on ``[members, rows, features]`` activations with :func:`torch.baddbmm`:
+the same results as ``vmap``, without its per-layer overhead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._errors import EnsembleError
+from ._state import Slot, StackedState
+
+__all__ = ["FastPath"]
+
+# Stateless element-wise modules: applying them to a [members, rows, features]
+# tensor is the same as applying them to each member's [rows, features] slice.
+_ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)  # fmt: skip
+# Element-wise functions a traced forward may apply between Linear layers.
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.tanh, F.sigmoid,
+    F.hardtanh, F.hardsigmoid, F.hardswish, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
+}  # fmt: skip
+_ELEMENTWISE_BUILTINS = {torch.relu, torch.tanh, torch.sigmoid}  # no extra arguments allowed
+_ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
+
+Layer = tuple[str, "nn.Module | Callable[[Tensor], Tensor]"]
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """``h @ weight.mT + bias`` for every member at once."""
+
+    name: str
+    weight: Slot  # [members, out, in]
+    bias: Slot | None  # [members, out]
+
+
+@dataclass(frozen=True)
+class DropoutStep:
+    p: float
+
+
+@dataclass(frozen=True)
+class ActivationStep:
+    fn: Callable[[Tensor], Tensor]
+    relu: bool = False  # may then run in place on the path's own intermediate
+
+
+Step = LinearStep | DropoutStep | ActivationStep
+
+
+def _is_fast_leaf(layer: nn.Module) -> bool:
+    if type(layer) is nn.Linear:
+        return True
+    stateless = not list(layer.parameters(recurse=True)) and not list(layer.buffers())
+    return stateless and (type(layer) in _ELEMENTWISE or type(layer) is nn.Dropout)
+
+
+def _chain(template: nn.Module) -> list[Layer] | None:
+    """The member as a chain of Linear, Dropout and element-wise steps, or None if it is not one.
+
+    An ``nn.Sequential`` of such layers is read directly. Any other module
+    whose leaves are all such layers (a custom MLP class, say) is traced with
+    :func:`torch.fx.symbolic_trace`; it qualifies when its forward takes one
+    input and applies those layers, or element-wise functions such as
+    ``F.relu`` / ``torch.tanh``, one after another.
+    """
+    if type(template) is nn.Sequential:
+        layers: list[Layer] = list(template.named_children())
+        if not layers or not all(_is_fast_leaf(layer) for _, layer in layers):
+            return None
+    else:
+        leaves = [m for m in template.modules() if not list(m.children())]
+        inner_state = any(m._parameters or m._buffers for m in template.modules() if list(m.children()))
+        if not leaves or not all(_is_fast_leaf(m) for m in leaves) or inner_state:
+            return None
+        # Tracing bakes Python control flow in, e.g. `if not self.training:`; the
+        # chain must be the same in both modes, or the fast path would follow one
+        # mode's steps in the other.
+        was_training = template.training
+        chains = [_traced_chain(template.train(mode)) for mode in (True, False)]
+        template.train(was_training)
+        if chains[0] is None or chains[1] is None or _signature(chains[0]) != _signature(chains[1]):
+            return None
+        layers = chains[0]
+    if not any(isinstance(layer, nn.Linear) for _, layer in layers):
+        return None
+    return layers
+
+
+def _signature(layers: list[Layer]) -> list[tuple[Any, ...]]:
+    """What a chain computes, comparable between two traces: modules by name, functions by identity and arguments."""
+    return [
+        (name,) if isinstance(layer, nn.Module)
+        else (getattr(layer, "func", layer), sorted(getattr(layer, "keywords", {}).items()))
+        for name, layer in layers
+    ]  # fmt: skip
+
+
+def _function_step(node: torch.fx.Node, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An element-wise function call of a trace as a one-argument callable, or None if it takes other inputs."""
+    try:
+        signature = inspect.signature(node.target)  # type: ignore[arg-type]
+    except ValueError:  # a builtin (F.gelu): keyword arguments only
+        if extra:
+            return None
+        arguments = kwargs
+    else:
+        try:
+            arguments = dict(signature.bind(None, *extra, **kwargs).arguments)
+        except TypeError:
+            return None
+        arguments.pop(next(iter(arguments)))  # the input itself
+    arguments.pop("inplace", None)  # the fast path decides what it may overwrite
+    return functools.partial(node.target, **arguments) if arguments else node.target
+
+
+def _traced_chain(template: nn.Module) -> list[Layer] | None:
+    """Trace ``template.forward``; return its steps if they form a single chain of fast layers."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(template).graph
+    except Exception:  # dynamic control flow, unsupported Python: not a chain we can read
+        return None
+    nodes = list(graph.nodes)
+    if not nodes or nodes[0].op != "placeholder" or any(n.op == "placeholder" for n in nodes[1:]):
+        return None
+    previous, layers = nodes[0], []
+    for node in nodes[1:]:
+        if node.op == "output":
+            return layers if node.args[0] is previous else None
+        if node.all_input_nodes != [previous] or not node.args or node.args[0] is not previous:
+            return None
+        extra, kwargs = node.args[1:], dict(node.kwargs)
+        plain = not extra and not kwargs
+        step: Any = None
+        if node.op == "call_module" and plain:
+            step = template.get_submodule(node.target)  # type: ignore[arg-type]
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_BUILTINS and plain:
+            step = node.target
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            step = _function_step(node, extra, kwargs)
+        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and plain:
+            step = getattr(torch, node.target)  # type: ignore[arg-type]
+        if step is None:
+            return None
+        layers.append((node.target if node.op == "call_module" else node.name, step))  # type: ignore[arg-type]
+        previous = node
+    return None
+
+
+def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, pending: bool, transposed: bool) -> Tensor:
+    """One Linear layer for every member; ``pending``: ``h`` is still one input shared by all."""
+    n = weight.shape[0]
+    if pending and transposed:
+        # One large product for all members: [n * out, in] @ [in, rows].
+        flat = weight.reshape(-1, weight.shape[2])
+        h = torch.mm(flat, h[0]) if bias is None else torch.addmm(bias.reshape(-1, 1), flat, h[0])
+        return h.view(n, weight.shape[1], -1)
+    if transposed:
+        return torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, h)
+    h = h.expand(n, -1, -1) if pending else h
+    return torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+
+
+def _dropout(h: Tensor, p: float, training: bool, randomness: str) -> Tensor:
+    if not training or p == 0.0:
+        return h
+    if randomness == "error":
+        raise EnsembleError(
+            "Ensemble: the members use dropout in training mode but randomness='error'; "
+            "call ens.eval(), or pass randomness='different' (own masks per member) or 'same'."
+        )
+    if randomness == "different":
+        return F.dropout(h, p, training=True)
+    if p == 1.0:
+        return torch.zeros_like(h)
+    mask = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device).bernoulli_(1 - p)
+    return h * (mask / (1 - p))
+
+
+class FastPath:
+    """The typed steps of a chain member, planned once, and how to run them."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        # Above about a million elements per stacked weight, copying a transposed
+        # gradient (and allocating fresh memory for it every step) costs more than
+        # the transposed layout's slightly slower small products; see run().
+        self.weights_are_large = any(
+            s.weight.get().numel() >= 2**20 for s in steps if isinstance(s, LinearStep)
+        )
+
+    @classmethod
+    def plan(cls, template: nn.Module, state: StackedState) -> FastPath | None:
+        """The steps for ``template`` reading the stacked tensors of ``state``, or None if it is no chain."""
+        layers = _chain(template)
+        if layers is None:
+            return None
+        slots = {alias: slot for slot in state.param_slots for alias in state.aliases[slot.name]}
+        steps: list[Step] = []
+        for name, layer in layers:
+            if not isinstance(layer, nn.Module):  # an element-wise function from a traced forward
+                steps.append(ActivationStep(layer, relu=layer in (torch.relu, F.relu)))
+            elif isinstance(layer, nn.Linear):
+                steps.append(LinearStep(name, slots[f"{name}.weight"], slots.get(f"{name}.bias")))
+            elif isinstance(layer, nn.Dropout):
+                steps.append(DropoutStep(layer.p))
+            elif type(layer) is nn.ReLU:
+                steps.append(ActivationStep(torch.relu, relu=True))
+            elif type(layer) is not nn.Identity:
+                steps.append(ActivationStep(layer.forward))
+        return cls(steps)
+
+    def run(self, x: Tensor, shared: bool, n: int, training: bool, randomness: str, transposed: bool) -> Tensor:
+        """The chain for every member: ``x`` ``[rows..., in]`` (shared) or ``[n, rows..., in]`` -> ``[n, rows..., out]``.
+
+        Activations are normally kept as ``[members, rows, features]`` and each
+        layer is ``baddbmm(bias, h, weight.mT)``. With ``transposed`` (autograd
+        records and the stacked weights are large) they are kept as
+        ``[members, features, rows]`` and each layer is ``baddbmm(bias, weight, h)``:
+        the weight gradient then comes out in the weight's own layout, so
+        autograd keeps it instead of copying it into a fresh allocation every
+        step. A shared input's first layer is then one ``addmm`` over all members.
+        """
+        if x.dim() == 0:
+            raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
+        lead = x.shape[:-1] if shared else x.shape[1:-1]
+        rows = x.reshape(1 if shared else n, -1, x.shape[-1])
+        h = rows.mT if transposed else rows
+        pending = shared  # h still has a member dimension of 1, meaning "the same for all"
+        fresh = False  # may h be modified in place (is it our own intermediate, not the input)?
+        for step in self.steps:
+            if isinstance(step, LinearStep):
+                weight = step.weight.get()
+                features = h.shape[1] if transposed else h.shape[2]
+                if features != weight.shape[2]:
+                    raise EnsembleError(
+                        f"Ensemble: layer {step.name!r} expects {weight.shape[2]} input features, got "
+                        f"{features} (input shape {list(x.shape)})."
+                    )
+                bias = None if step.bias is None else step.bias.get()
+                h, pending, fresh = _linear(h, weight, bias, pending, transposed), False, True
+            elif isinstance(step, DropoutStep):
+                if pending and training and randomness == "different":
+                    h, pending = h.expand(n, -1, -1), False  # every member draws its own mask
+                dropped = _dropout(h, step.p, training, randomness)
+                fresh = fresh or dropped is not h
+                h = dropped
+            elif step.relu:
+                h = torch.relu_(h) if fresh else torch.relu(h)
+            else:
+                h, fresh = step.fn(h), True
+        if transposed:
+            h = h.mT.contiguous()
+        return h.reshape(n, *lead, h.shape[-1])
