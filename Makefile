@@ -14,13 +14,15 @@ SPHINXOPTS ?=
 # make docs NOTEBOOKS=--check : fail instead of regenerating stale notebooks (CI)
 NOTEBOOKS ?=
 
-.PHONY: help all env docs html notebooks example test test-fast bench clean
+.PHONY: help all env docs html notebooks example test test-fast lint format bench clean
 
 help:
 	@echo "make docs                 notebooks (regenerated if stale) + HTML site in docs/_build/html"
 	@echo "make test                 package doctests, unit tests and pytest --nbval notebooks/"
 	@echo "make notebooks            regenerate stale notebooks/*.ipynb from gallery/"
 	@echo "make example NAME=plot_x  build one tutorial page and its notebook, fast"
+	@echo "make lint                 ruff check + ruff format --check (CI runs it first)"
+	@echo "make format               ruff format + ruff check --fix"
 	@echo "make clean                remove build output"
 
 all: docs
@@ -47,6 +49,14 @@ example: env
 
 test: env
 	$(PY) -m pytest --nbval
+
+lint: env
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: env
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test-fast: env
 	$(PY) -m pytest -m "not slow"
