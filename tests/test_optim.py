@@ -85,6 +85,7 @@ ADAM_CASES = [
     {"lr": LR, "weight_decay": [0.0, 0.1, 0.01, 0.5], "amsgrad": True},
     {"lr": LR, "betas": ([0.9, 0.8, 0.5, 0.7], [0.999, 0.99, 0.9, 0.5]), "weight_decay": 0.1, "maximize": True},
     {"lr": 0.01, "weight_decay": 0.05},
+    {"lr": [0.0, 0.01, 0.002, 0.1], "eps": [0.0, 1e-8, 0.0, 1e-3]},  # lr 0: no division by a zero step size
 ]
 
 

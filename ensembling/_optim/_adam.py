@@ -169,12 +169,18 @@ class Adam(MemberOptimizer):
             denom = list(torch._foreach_sqrt(maxima))
         else:
             denom = list(torch._foreach_sqrt(exp_avg_sqs))
-        div_(denom, bias_correction2_sqrt)
-        add_(denom, eps)
         if isinstance(step_size, float):
+            div_(denom, bias_correction2_sqrt)
+            add_(denom, eps)
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-        else:
+        elif bool((step_size == 0).any()):  # a member with lr 0: no division by its step size
+            div_(denom, bias_correction2_sqrt)
+            add_(denom, eps)
             torch._foreach_addcdiv_(params, scaled(exp_avgs, step_size), denom)
+        else:  # fold the per-member step size into the denominator: no extra pass, no allocation
+            div_(denom, bias_correction2_sqrt * step_size)
+            add_(denom, eps / step_size)
+            torch._foreach_addcdiv_(params, exp_avgs, denom)
 
 
 def _is_zero(x: Host) -> bool:
