@@ -14,7 +14,7 @@ SPHINXOPTS ?=
 # make docs NOTEBOOKS=--check : fail instead of regenerating stale notebooks (CI)
 NOTEBOOKS ?=
 
-.PHONY: help all env docs html notebooks example test test-fast lint format bench clean
+.PHONY: help all env docs html notebooks example test test-fast lint format bench dist clean
 
 help:
 	@echo "make docs                 notebooks (regenerated if stale) + HTML site in docs/_build/html"
@@ -23,6 +23,7 @@ help:
 	@echo "make example NAME=plot_x  build one tutorial page and its notebook, fast"
 	@echo "make lint                 ruff check + ruff format --check (CI runs it first)"
 	@echo "make format               ruff format + ruff check --fix"
+	@echo "make dist                 sdist + wheel in dist/, checked with twine check --strict"
 	@echo "make clean                remove build output"
 
 all: docs
@@ -60,6 +61,13 @@ format: env
 
 test-fast: env
 	$(PY) -m pytest -m "not slow"
+
+# The release artifacts: python -m build makes the sdist, then the wheel from it
+# (so the wheel proves the sdist is complete); twine checks both, README included.
+dist: env
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
 
 clean:
 	rm -rf docs/_build docs/tutorials docs/generated docs/sg_execution_times.rst .make
