@@ -22,13 +22,16 @@ with ratios:
   memory (each measured in a fresh subprocess);
 * a **sharded** ensemble (:mod:`ensembling.distributed`) on 1 and on 2 local
   gloo processes: inference with the gather, and a training step.
+* a **sweep** (section ``sweep``): 16 and 64 hyperparameter configurations
+  trained in one run versus one at a time, and the per-member-values
+  ``ensembling.optim.AdamW`` step versus torch's foreach ``AdamW`` step.
 
 Every implementation's output is checked against the loop before it is timed.
 Times are medians from :func:`ensembling.tutorial.measure`. Nothing here is asserted:
 the numbers are for reading, and differ between machines.
 
 Options: ``--quick`` (shorter timing, no ``torch.compile``), ``--no-compile``,
-``--sections inference,training,zoo,init,distributed``, ``--min-run-time SECONDS``.
+``--sections inference,training,zoo,init,distributed,sweep``, ``--min-run-time SECONDS``.
 """
 
 from __future__ import annotations
@@ -468,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ensembling.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short timings, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--sections", default="inference,training,zoo,init,distributed")
+    parser.add_argument("--sections", default="inference,training,zoo,init,distributed,sweep")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--init-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     use_compile = not (args.quick or args.no_compile)
     sections = {s.strip() for s in args.sections.split(",")}
-    unknown = sections - {"inference", "training", "zoo", "init", "distributed"}
+    unknown = sections - {"inference", "training", "zoo", "init", "distributed", "sweep"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     print(f"device: {device}; torch {torch.__version__}; {torch.get_num_threads()} threads\n")
@@ -495,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         print(initialization(device), flush=True)
     if "distributed" in sections:
         print(distributed(min_run_time), flush=True)
+    if "sweep" in sections:  # a hyperparameter sweep in one run (ensembling.optim), see _bench_sweep
+        from ._bench_sweep import run as sweep
+
+        print("\n".join(sweep(device, args.quick)), flush=True)
     return 0
 
 
