@@ -124,6 +124,7 @@ def _tensor(out: Any) -> Tensor:
 
 
 def bert() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
@@ -140,6 +141,7 @@ def bert() -> nn.Module:
 
 
 def distilbert() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from transformers import DistilBertConfig, DistilBertModel
 
     cfg = DistilBertConfig(
@@ -156,6 +158,7 @@ def distilbert() -> nn.Module:
 
 
 def gpt2() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
@@ -172,6 +175,7 @@ def gpt2() -> nn.Module:
 
 
 def llama() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -187,6 +191,7 @@ def llama() -> nn.Module:
 
 
 def t5() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = T5Config(
@@ -203,12 +208,14 @@ def t5() -> nn.Module:
 
 
 def vit() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=CLASSES)
 
 
 def convnext() -> nn.Module:
+    import_torchvision()  # transformers and timm import it
     from timm.models.convnext import ConvNeXt
 
     return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), num_classes=CLASSES)
