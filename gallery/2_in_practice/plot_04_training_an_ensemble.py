@@ -24,8 +24,10 @@ downloaded). A GPU is optional.
 # Set-up and data
 # ---------------
 # scikit-learn ships 1,797 handwritten digits as 8x8 images with pixel values
-# 0-16. We scale them to [0, 1], flatten them to 64 features and keep a fixed,
-# seeded fifth of them as the test set.
+# 0-16. We scale them to [0, 1], flatten them to 64 features and split them,
+# with a fixed seed, into 1,257 training, 180 validation and 360 test digits.
+# The validation set is for choices made after training (which member to
+# keep); the test set only reports how good the choices turned out.
 import copy
 import pathlib
 import tempfile
@@ -49,10 +51,11 @@ digits = load_digits()
 X = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # [1797, 64]
 y = torch.tensor(digits.target)  # [1797], labels 0-9
 order = torch.randperm(len(X))
-train, test = order[:1437], order[1437:]
+train, val, test = order[:1257], order[1257:1437], order[1437:]
 X_train, y_train = X[train].to(device), y[train].to(device)
+X_val, y_val = X[val].to(device), y[val].to(device)
 X_test, y_test = X[test].to(device), y[test].to(device)
-print("train", list(X_train.shape), "test", list(X_test.shape))
+print("train", list(X_train.shape), "validation", list(X_val.shape), "test", list(X_test.shape))
 
 # %%
 # The ensemble
@@ -81,8 +84,12 @@ print(ens)
 # The loss is the **sum** of the members' mean losses. Member ``i``'s loss
 # depends only on slice ``i`` of each stacked parameter, so the gradient of the
 # sum with respect to that slice is exactly member ``i``'s own gradient. A mean
-# over all members and examples would divide every gradient by the number of
-# members, which is a different (smaller) learning rate, not a different model.
+# over all members divides every gradient by the number of members. For plain
+# SGD that is a smaller learning rate; Adam, used below, divides each step by a
+# running estimate of the gradient's size, so scaling the loss changes its
+# steps only through the small ``eps`` added to that estimate. The sum is what
+# makes each member's gradient exactly the one it would get alone, whatever the
+# optimizer.
 
 
 def member_losses(ens: Ensemble, idx: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,8 @@ first_weight = ens.named_stacked_parameters()["0.weight"]  # [members, 64, 64]
 grad_sum = torch.autograd.grad(losses.sum(), first_weight)[0]
 grad_mean = torch.autograd.grad(member_losses(ens, idx).mean(), first_weight)[0]
 torch.testing.assert_close(grad_mean * num_members, grad_sum)
-print("gradient of the mean x members == gradient of the sum: True")
+scale = (grad_sum.norm() / grad_mean.norm()).item()
+print(f"gradient of the sum / gradient of the mean: {scale:.1f} (= {num_members} members)")
 
 # %%
 # Now train. To make the members more different from each other (*bagging*),
@@ -126,24 +134,37 @@ print_measured(f"mean member loss: {first:.3f} at step 0, {last:.3f} over the la
 # ----------------------------
 # On the test set we compare each member's accuracy with two ways of combining
 # them: averaging the members' predicted probabilities, and a majority vote of
-# their predicted labels.
+# their predicted labels. :meth:`torch.Tensor.mode` takes the most frequent
+# label; on a tie it picks one of the tied labels (which one is not promised),
+# and the page counts how often that happened.
 ens.eval()
 with torch.no_grad():
     probs = ens(X_test).softmax(dim=-1)  # [members, test, 10]
 member_acc = (probs.argmax(-1) == y_test).float().mean(dim=1)  # [members]
 ensemble_acc = (probs.mean(0).argmax(-1) == y_test).float().mean().item()
-votes = probs.argmax(-1).mode(dim=0).values  # ties go to the smaller label
+labels = probs.argmax(-1)  # [members, test]
+votes = labels.mode(dim=0).values  # [test]
 vote_acc = (votes == y_test).float().mean().item()
-print("member accuracies:", list(member_acc.shape))
+counts = F.one_hot(labels, 10).sum(dim=0)  # [test, 10]: votes per label
+ties = int(((counts == counts.max(dim=1, keepdim=True).values).sum(dim=1) > 1).sum())
+print_measured("member test accuracies (%): " + " ".join(f"{100 * a:.1f}" for a in member_acc))
+print_measured(f"majority vote tied between labels on {ties} of {len(y_test)} test digits")
 
 fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
 ax.bar(range(num_members), (100 * member_acc).tolist(), color="lightgray", label="members")
-for value, style, label in [
-    (member_acc.mean().item(), ":", "average member"),
-    (vote_acc, "--", "majority vote"),
-    (ensemble_acc, "-", "averaged probabilities"),
-]:
-    ax.axhline(100 * value, linestyle=style, color="black", label=f"{label} ({100 * value:.1f}%)")
+for value, style, color, label in [
+    (member_acc.mean().item(), ":", "black", "average member"),
+    (vote_acc, "--", "tab:orange", "majority vote"),
+    (ensemble_acc, "-", "tab:blue", "averaged probabilities"),
+]:  # distinct colours and dashes, drawn thinner than the one below, so equal lines both show
+    width = 3 if style == "-" else 1.5
+    ax.axhline(
+        100 * value,
+        linestyle=style,
+        color=color,
+        linewidth=width,
+        label=f"{label} ({100 * value:.1f}%)",
+    )
 ax.set_ylim(100 * member_acc.min().item() - 3, 100)
 ax.set_xlabel("member")
 ax.set_ylabel("test accuracy (%)")
@@ -215,8 +236,10 @@ for step in range(3):
     loss.backward()
     wrong_optimizer.step()
 unchanged = all(torch.equal(before[k], v) for k, v in models[0].state_dict().items())
-print("gradients reached the modules:", any(p.grad is not None for p in models[0].parameters()))
-print("modules unchanged after 3 steps:", unchanged)
+reached = any(p.grad is not None for p in models[0].parameters())
+print(f"gradients {'reached' if reached else 'never reached'} the modules")
+print(f"after 3 steps the modules are {'unchanged' if unchanged else 'changed'}")
+assert unchanged and not reached
 
 # %%
 # The fix is to optimize the tensors the loss is computed from. With
@@ -229,19 +252,23 @@ logits = fixed(X_train[:64])
 fixed_optimizer.zero_grad()
 F.cross_entropy(logits.flatten(0, 1), y_train[:64].repeat(3)).backward()
 fixed_optimizer.step()
-print(
-    "stacked weights changed:", not torch.equal(fixed.named_stacked_parameters()["0.weight"], start)
-)
+changed = not torch.equal(fixed.named_stacked_parameters()["0.weight"], start)
+print(f"one step {'changed' if changed else 'did not change'} the stacked weights")
+assert changed
 
 # %%
 # Keeping the best member, saving and reloading
 # ---------------------------------------------
 # ``ens[i]`` is an ordinary ``nn.Sequential``, an independent copy of member
-# ``i``. We save the best member's ``state_dict`` and the whole ensemble's,
+# ``i``. The best member is chosen on the validation set (choosing it by its
+# test accuracy would make that accuracy an optimistic estimate), and its test
+# accuracy is reported. We save its ``state_dict`` and the whole ensemble's,
 # load both with ``torch.load(..., weights_only=True)`` (which only unpickles
 # tensors and plain containers), and check that the reloaded models predict
 # exactly what they predicted before saving.
-best_index = int(member_acc.argmax())
+with torch.no_grad():
+    val_acc = (ens(X_val).argmax(-1) == y_val).float().mean(dim=1)  # [members]
+best_index = int(val_acc.argmax())
 best = ens[best_index]
 print("best member is a", type(best).__name__)
 with tempfile.TemporaryDirectory() as tmp:
@@ -253,10 +280,14 @@ with tempfile.TemporaryDirectory() as tmp:
     reloaded_ens.load_state_dict(torch.load(pathlib.Path(tmp) / "ensemble.pt", weights_only=True))
 reloaded_ens.eval()
 with torch.no_grad():
-    assert torch.equal(reloaded_best(X_test), best(X_test))
-    assert torch.equal(reloaded_ens(X_test), ens(X_test))
-print("reloaded best member and ensemble predict identically: True")
-print_measured(f"best member: {best_index}, test accuracy {100 * member_acc[best_index]:.1f}%")
+    same_best = torch.equal(reloaded_best(X_test), best(X_test))
+    same_ens = torch.equal(reloaded_ens(X_test), ens(X_test))
+assert same_best and same_ens
+print("the reloaded best member and ensemble predict exactly as before saving")
+print_measured(
+    f"best member on validation: {best_index} ({100 * val_acc[best_index]:.1f}%), "
+    f"its test accuracy {100 * member_acc[best_index]:.1f}%"
+)
 
 # %%
 # Summary
