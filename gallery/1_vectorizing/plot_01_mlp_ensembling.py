@@ -134,7 +134,10 @@ same = torch.equal(w[3], models[3].fc1.weight)
 shared = w.data_ptr() == models[0].fc1.weight.data_ptr()
 print(f"slice 3 of the stacked fc1.weight {'equals' if same else 'differs from'} model 3's")
 print(f"the stacked tensor {'shares' if shared else 'does not share'} model 0's memory")
-print(f"it is {'a leaf' if w.is_leaf else 'not a leaf'}, requires_grad={w.requires_grad}")
+print(
+    f"it is {'a leaf' if w.is_leaf else 'not a leaf'} that "
+    f"{'requires' if w.requires_grad else 'does not require'} gradients"
+)
 assert same and not shared and w.is_leaf and w.requires_grad
 
 # %%

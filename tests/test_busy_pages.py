@@ -1,0 +1,112 @@
+"""The speed pages run to the end on a busy CPU, and what they print about speed agrees with itself.
+
+A reader's machine is rarely idle. Each page that times anything is executed as
+a script while two processes spin on the CPU; then every verdict it printed
+(``ensembling.tutorial.verdict``) is parsed and its words are checked against
+its own numbers: "faster" / "slower" only with a whole range beyond 1,
+"too close to call" only with a range that reaches 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ensembling.tutorial import MEASURED_PREFIX
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEED_PAGES = [
+    page for prefix in ("plot_01_", "plot_07_", "plot_08_", "plot_10_") for page in ROOT.glob(f"gallery/*/{prefix}*.py")
+]
+BUSY = 2  # spinning processes: as many as CI's cores
+
+_NUMBER = r"(\d+(?:\.\d+)?)x"
+_DECIDED = re.compile(rf"is {_NUMBER} (faster|slower) than .+? \({_NUMBER} to {_NUMBER} over (\d+) rounds?\)")
+_UNDECIDED = re.compile(rf": too close to call \(speedup {_NUMBER} to {_NUMBER} over (\d+) rounds?\)")
+
+
+@pytest.fixture
+def busy_cpu() -> Iterator[None]:
+    """Competing processes that spin on every core for as long as the test runs; always killed."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def check_verdict(line: str) -> bool:
+    """Assert that every verdict in one printed line agrees with its numbers; False if it holds none."""
+    found = False
+    for decided in _DECIDED.finditer(line):
+        value, word, low, high, _ = decided.groups()
+        value, low, high = float(value), float(low), float(high)
+        assert value > 1 and low > 1, f"'{word}' with a ratio or range end at or below 1x: {line}"
+        assert low <= value <= high, f"the median lies outside its own range: {line}"
+        found = True
+    for undecided in _UNDECIDED.finditer(line):
+        low, high = float(undecided.group(1)), float(undecided.group(2))
+        assert low <= high, f"a range that runs backwards: {line}"
+        assert low <= 1.1 and high >= 0.95, f"'too close to call' with a range clear of 1x: {line}"
+        found = True
+    return found
+
+
+@pytest.mark.parametrize(
+    ("line", "verdict"),
+    [
+        ("a: vmap is 2.6x faster than the loop (2.4x to 2.8x over 10 rounds)", True),
+        ("vmap vs the loop: too close to call (speedup 0.92x to 1.1x over 10 rounds)", True),
+        ("loop 1.00 ms, vmap 0.50 ms", False),
+        (
+            "a is 1.3x slower than b (1.2x to 1.7x over 5 rounds); "
+            "c is 6.4x slower than a (5.0x to 7.0x over 5 rounds)",
+            True,
+        ),
+    ],
+)
+def test_check_verdict_reads_the_pages_sentences(line: str, verdict: bool) -> None:
+    """The parser recognises consistent verdicts and ignores other lines."""
+    assert check_verdict(line) is verdict
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "vmap is 1.5x faster than the loop (0.9x to 2.1x over 10 rounds)",  # range reaches below 1
+        "vmap is 1.0x faster than the loop (1.0x to 1.1x over 10 rounds)",  # rounds to 1
+        "vmap vs the loop: too close to call (speedup 1.4x to 1.9x over 10 rounds)",  # clear of 1
+        "a is 2.0x faster than b (1.5x to 2.5x over 5 rounds); c is 2.0x faster than a (0.9x to 3.0x over 5 rounds)",
+    ],
+)
+def test_check_verdict_catches_words_that_contradict_the_numbers(line: str) -> None:
+    """A verdict whose words disagree with its printed numbers fails the check."""
+    with pytest.raises(AssertionError):
+        check_verdict(line)
+
+
+@pytest.mark.parametrize("page", SPEED_PAGES, ids=lambda page: page.stem)
+def test_speed_page_runs_on_a_busy_cpu_and_agrees_with_itself(page: Path, busy_cpu: None) -> None:
+    """The page completes under CPU load; its verdicts agree with their numbers; no bare True/False claims."""
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, page.name], cwd=page.parent, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, f"{page.name} failed under load:\n{run.stderr[-3000:]}"
+    lines = run.stdout.splitlines()
+    measured = [line[len(MEASURED_PREFIX) :] for line in lines if line.startswith(MEASURED_PREFIX)]
+    verdicts = [line for line in measured if check_verdict(line)]
+    assert verdicts, f"{page.name} printed no verdict computed from its timings"
+    for line in lines:
+        assert not re.search(r"(:|=)\s*(True|False)$", line), f"a bare True/False claim: {line!r}"
+        assert "about as fast" not in line, f"a verdict that ignores the spread: {line!r}"
