@@ -131,8 +131,12 @@ with torch.no_grad():
 # predictions are not merely close: they are bit-for-bit identical.
 assert torch.equal(new_per_model, legacy_per_model)
 assert torch.equal(new_shared, legacy_shared)
-print("identical predictions, option (1):", torch.equal(new_per_model, legacy_per_model))
-print("identical predictions, option (2):", torch.equal(new_shared, legacy_shared))
+for option, new, old in (
+    ("(1)", new_per_model, legacy_per_model),
+    ("(2)", new_shared, legacy_shared),
+):
+    same = torch.equal(new, old)
+    print(f"option {option}: predictions {'identical' if same else 'different'}")
 
 # %%
 # Every prediction of every member, legacy against new: all on the diagonal.
@@ -159,7 +163,8 @@ print("legacy:", type(params_legacy).__name__, "of", len(params_legacy))
 print("new:   ", type(params).__name__, "keyed by", list(params))
 as_dict = dict(zip(names, params_legacy))
 assert all(torch.equal(as_dict[n], params[n]) for n in names)
-print("dict(zip(names, legacy)) equals the new dict:", list(as_dict) == list(params))
+same_order = list(as_dict) == list(params)
+print(f"dict(zip(names, legacy)) has the new dict's keys {'in' if same_order else 'out of'} order")
 
 # %%
 # Difference 2: ``requires_grad``
@@ -198,8 +203,10 @@ before = models[0].fc1.weight.detach().clone()
 optimizer = torch.optim.SGD(params.values(), lr=0.1)
 ensemble_loss(torch.vmap(fmodel)(params, buffers, minibatches)).backward()
 optimizer.step()
-print("stacked weights changed: ", not torch.equal(params["fc1.weight"][0], before))
-print("models[0] changed:       ", not torch.equal(models[0].fc1.weight, before))
+stacked_changed = not torch.equal(params["fc1.weight"][0], before)
+module_changed = not torch.equal(models[0].fc1.weight, before)
+print(f"the stacked weights {'changed' if stacked_changed else 'did not change'}")
+print(f"models[0] {'changed' if module_changed else 'did not change'}")
 
 # %%
 # To get the trained weights back into ordinary modules, copy slice ``i`` of
@@ -215,7 +222,7 @@ with torch.no_grad():
     after_vmap = torch.vmap(fmodel)(params, buffers, minibatches)
     after_loop = torch.stack([m(x) for m, x in zip(models, minibatches)])
 torch.testing.assert_close(after_loop, after_vmap, **ensembling.tolerances(torch.float32, device))
-print("models[i] now predict like the trained ensemble: True")
+print("models[i] now predict like the trained ensemble (asserted above)")
 
 # %%
 # The names: functorch and its torch.func replacements

@@ -80,14 +80,16 @@ except RuntimeError as err:
 different = torch.vmap(f, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
 same = torch.vmap(f, in_dims=(0, 0, None), randomness="same")(params, buffers, x)
 dropped = lambda out: out == 0  # noqa: E731  (which units were dropped)
-print(
-    "'different': members share masks:", torch.equal(dropped(different[0]), dropped(different[1]))
-)
-print(
-    "'same':      members share masks:",
-    all(torch.equal(dropped(same[0]), dropped(same[i])) for i in range(4)),
-)
-print("'same':      rows share masks:   ", torch.equal(dropped(same[0, 0]), dropped(same[0, 1])))
+
+
+def shares(a: torch.Tensor, b: torch.Tensor) -> str:
+    return "share" if torch.equal(dropped(a), dropped(b)) else "do not share"
+
+
+print(f"'different': members {shares(different[0], different[1])} masks")
+same_all = all(torch.equal(dropped(same[0]), dropped(same[i])) for i in range(4))
+print(f"'same':      members {'share' if same_all else 'do not share'} masks")
+print(f"'same':      rows of a minibatch {shares(same[0, 0], same[0, 1])} masks")
 
 # %%
 # The masks themselves, for the first row of the minibatch: one line per member,
@@ -111,7 +113,7 @@ plt.show()
 # it. In eval mode dropout draws nothing, so even ``"error"`` is fine.
 ens = Ensemble.from_modules([copy.deepcopy(member) for _ in range(4)])
 out = ens(x)
-print("Ensemble, train mode, members differ:", not torch.equal(dropped(out[0]), dropped(out[1])))
+print(f"Ensemble, train mode: members 0 and 1 {shares(out[0], out[1])} masks")
 print("Ensemble, eval mode with 'error':", list(ens.eval()(x, randomness="error").shape))
 
 # %%
@@ -145,7 +147,7 @@ tol = ensembling.tolerances(torch.float32, device)
 for name in ("1.running_mean", "1.running_var"):
     for i, module in enumerate(reference):
         torch.testing.assert_close(buffers[name][i], module.get_buffer(name), **tol)
-print("per-member running statistics == loop:", True)
+print("per-member running statistics match the loop (asserted above)")
 print("updates counted per member:", buffers["1.num_batches_tracked"].tolist())
 
 # %%
@@ -159,7 +161,7 @@ for module in reference:
 test = torch.randn(5, 4, device=device)
 with torch.no_grad():
     torch.testing.assert_close(bn_ens(test), torch.stack([m(test) for m in reference]), **tol)
-print("eval mode, Ensemble == loop:", True)
+print("eval mode: Ensemble matches the loop (asserted above)")
 
 # %%
 # The alternative: ``replace_all_batch_norm_modules_``
