@@ -1,15 +1,19 @@
-"""The fast path: a member that is a chain of Linear / Dropout / element-wise layers, run as batched products.
+"""The fast path: a member that is a chain of Linear / Dropout / element-wise / reshape steps, run as batched products.
 
 :meth:`FastPath.plan` reads the chain (an ``nn.Sequential``, or any module whose
 ``torch.fx`` trace is one) into typed steps, once; :meth:`FastPath.run` executes
 them on ``[members, rows, features]`` activations with :func:`torch.baddbmm`:
-the same results as ``vmap``, without its per-layer overhead.
+the same results as ``vmap``, without its per-layer overhead. Reshapes of a
+member's own dimensions (``x.flatten(1)``, ``x.view(x.size(0), -1)``,
+``nn.Flatten``, ``transpose``, ...) are :class:`ReshapeStep` s that act on the
+dimensions after the member dimension.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,14 +67,127 @@ class ActivationStep:
     relu: bool = False  # may then run in place on the path's own intermediate
 
 
-Step = LinearStep | DropoutStep | ActivationStep
+@dataclass(frozen=True)
+class SizeOf:
+    """``x.size(dim)`` (or ``x.shape[dim]``) of one member's activation, read when the step runs."""
+
+    dim: int
+
+
+# Per-member reshapes, by method name: the names of their arguments after the tensor
+# (None: a variable number of dims / sizes, as for ``view(*shape)``), and defaults.
+_RESHAPE_ARGS: dict[str, tuple[tuple[str, ...] | None, tuple[Any, ...]]] = {
+    "flatten": (("start_dim", "end_dim"), (0, -1)),
+    "unflatten": (("dim", "sizes"), ()),
+    "transpose": (("dim0", "dim1"), ()),
+    "swapaxes": (("axis0", "axis1"), ()),
+    "swapdims": (("dim0", "dim1"), ()),
+    "squeeze": (("dim",), ()),
+    "unsqueeze": (("dim",), ()),
+    "contiguous": ((), ()),
+    "view": (None, ()),
+    "reshape": (None, ()),
+    "permute": (None, ()),
+}
+_RESHAPE_FUNCTIONS = {
+    torch.flatten: "flatten", torch.unflatten: "unflatten", torch.transpose: "transpose", torch.swapaxes: "swapaxes",
+    torch.swapdims: "swapdims", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.reshape: "reshape",
+    torch.permute: "permute",
+}  # fmt: skip
+
+
+def _dim(d: int, ndim: int, step: ReshapeStep) -> int:
+    """Member dimension ``d`` (of ``ndim``) as a dimension of the stacked ``[members, ...]`` tensor."""
+    if not -ndim <= d < ndim:
+        raise EnsembleError(
+            f"Ensemble: {step.method}{step.args} refers to dimension {d}, but one member's activation there has "
+            f"{ndim} dimensions."
+        )
+    return d % ndim + 1
+
+
+@dataclass(frozen=True)
+class ReshapeStep:
+    """A reshape of each member's activation (``x.flatten(1)``, ``x.view(x.size(0), -1)``, ``x.transpose(1, 2)``).
+
+    ``args`` are the member's own dims or sizes (ints, :class:`SizeOf`, tuples of them);
+    :meth:`apply` shifts them past the leading member dimension.
+    """
+
+    method: str
+    args: tuple[Any, ...]
+
+    def _size(self, entry: Any, h: Tensor) -> Any:
+        if isinstance(entry, SizeOf):
+            return h.shape[_dim(entry.dim, h.dim() - 1, self)]
+        return tuple(self._size(e, h) for e in entry) if isinstance(entry, tuple) else entry
+
+    def apply(self, h: Tensor) -> Tensor:
+        """``h`` ``[members, *member_shape]`` -> ``[members, *reshaped member_shape]``."""
+        ndim, m, args = h.dim() - 1, self.method, self._size(self.args, h)
+        if m in ("view", "reshape"):
+            return getattr(h, m)(h.shape[0], *args)
+        if m == "contiguous":
+            return h.contiguous()
+        if m == "unsqueeze":
+            return h.unsqueeze(_dim(args[0], ndim + 1, self))
+        if m == "unflatten":
+            return h.unflatten(_dim(args[0], ndim, self), args[1])
+        dims = [_dim(d, ndim, self) for d in (args[0] if m == "squeeze" and isinstance(args[0], tuple) else args)]
+        if m == "flatten":
+            return h.flatten(*dims) if ndim else h.reshape(h.shape[0], 1)
+        if m == "permute":
+            return h.permute(0, *dims)
+        return h.squeeze(tuple(dims)) if m == "squeeze" else h.transpose(*dims)
+
+
+def _is_size_or_shape(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_size_or_shape(v) for v in value)
+    return isinstance(value, SizeOf) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _reshape_step(method: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> ReshapeStep | None:
+    """A reshape call of a trace (``flatten(x, 1)``, ``x.view(-1, 784)``) as a typed step, or None if unsupported."""
+    names, defaults = _RESHAPE_ARGS[method]
+    if names is None:  # view(*shape) / view(shape), permute(*dims) / permute(dims)
+        if kwargs:
+            return None
+        args = tuple(extra[0]) if len(extra) == 1 and isinstance(extra[0], (tuple, list)) else tuple(extra)
+    else:
+        if len(extra) > len(names) or set(kwargs) - set(names):
+            return None
+        bound = dict(zip(names, extra)) | kwargs
+        filled = [*[None] * (len(names) - len(defaults)), *defaults]
+        args = tuple(bound.get(name, default) for name, default in zip(names, filled))
+        args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+    if method == "squeeze" and not args:
+        return None
+    return ReshapeStep(method, args) if _is_size_or_shape(args) else None
+
+
+def _size_read(node: torch.fx.Node, sizes: dict[torch.fx.Node, tuple[torch.fx.Node, Any]]) -> Any:
+    """``(source, SizeOf(d))`` for ``x.size(d)`` / ``x.shape[d]`` (``(source, "shape")`` for ``x.shape``), else None."""
+    args = node.args
+    if node.op == "call_method" and node.target == "size" and len(args) == 2 and not node.kwargs:
+        if isinstance(args[0], torch.fx.Node) and isinstance(args[1], int):
+            return args[0], SizeOf(args[1])
+    if node.op == "call_function" and node.target is getattr and args[1:] == ("shape",):
+        return (args[0], "shape") if isinstance(args[0], torch.fx.Node) else None
+    if node.op == "call_function" and node.target is operator.getitem and args[0] in sizes:
+        source, what = sizes[args[0]]  # type: ignore[index]
+        return (source, SizeOf(args[1])) if what == "shape" and isinstance(args[1], int) else None
+    return None
+
+
+Step = LinearStep | DropoutStep | ActivationStep | ReshapeStep
 
 
 def _is_fast_leaf(layer: nn.Module) -> bool:
     if type(layer) is nn.Linear:
         return True
     stateless = not list(layer.parameters(recurse=True)) and not list(layer.buffers())
-    return stateless and (type(layer) in _ELEMENTWISE or type(layer) is nn.Dropout)
+    return stateless and (type(layer) in _ELEMENTWISE or type(layer) in (nn.Dropout, nn.Flatten, nn.Unflatten))
 
 
 def _chain(template: nn.Module) -> list[Layer] | None:
@@ -133,7 +250,7 @@ def _function_step(node: torch.fx.Node, extra: tuple[Any, ...], kwargs: dict[str
 
 
 def _traced_chain(template: nn.Module) -> list[Layer] | None:
-    """Trace ``template.forward``; return its steps if they form a single chain of fast layers."""
+    """Trace ``template.forward``; return its steps if they form a single chain of fast layers and reshapes."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -144,26 +261,48 @@ def _traced_chain(template: nn.Module) -> list[Layer] | None:
     if not nodes or nodes[0].op != "placeholder" or any(n.op == "placeholder" for n in nodes[1:]):
         return None
     previous, layers = nodes[0], []
+    sizes: dict[torch.fx.Node, tuple[torch.fx.Node, Any]] = {}  # x.size(d) / x.shape[d] reads, off the chain
     for node in nodes[1:]:
         if node.op == "output":
             return layers if node.args[0] is previous else None
-        if node.all_input_nodes != [previous] or not node.args or node.args[0] is not previous:
+        read = _size_read(node, sizes)
+        if read is not None:
+            sizes[node] = read
+            continue
+        others = [n for n in node.all_input_nodes if n is not previous]
+        if (
+            not node.args
+            or node.args[0] is not previous
+            or any(sizes.get(n, (None,))[0] is not previous for n in others)
+        ):
             return None
-        extra, kwargs = node.args[1:], dict(node.kwargs)
-        plain = not extra and not kwargs
-        step: Any = None
-        if node.op == "call_module" and plain:
-            step = template.get_submodule(node.target)  # type: ignore[arg-type]
-        elif node.op == "call_function" and node.target in _ELEMENTWISE_BUILTINS and plain:
-            step = node.target
-        elif node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
-            step = _function_step(node, extra, kwargs)
-        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and plain:
-            step = getattr(torch, node.target)  # type: ignore[arg-type]
+        step = _traced_step(template, node, sizes, reads_sizes=bool(others))
         if step is None:
             return None
         layers.append((node.target if node.op == "call_module" else node.name, step))  # type: ignore[arg-type]
         previous = node
+    return None
+
+
+def _traced_step(template: nn.Module, node: torch.fx.Node, sizes: dict, reads_sizes: bool) -> Any:
+    """The layer, element-wise function or :class:`ReshapeStep` one node of a chain applies, or None."""
+    extra = torch.fx.node.map_arg(node.args[1:], lambda n: sizes[n][1])
+    kwargs = dict(torch.fx.node.map_arg(node.kwargs, lambda n: sizes[n][1]))
+    if node.op == "call_method" and node.target in _RESHAPE_ARGS:
+        return _reshape_step(node.target, extra, kwargs)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
+        return _reshape_step(_RESHAPE_FUNCTIONS[node.target], extra, kwargs)  # type: ignore[index]
+    if reads_sizes:
+        return None
+    plain = not extra and not kwargs
+    if node.op == "call_module" and plain:
+        return template.get_submodule(node.target)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target in _ELEMENTWISE_BUILTINS and plain:
+        return node.target
+    if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+        return _function_step(node, extra, kwargs)
+    if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and plain:
+        return getattr(torch, node.target)  # type: ignore[arg-type]
     return None
 
 
@@ -179,6 +318,18 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, pending: bool, trans
         return torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, h)
     h = h.expand(n, -1, -1) if pending else h
     return torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+
+
+def _reshape(h: Tensor, step: ReshapeStep, lead: tuple[int, ...], transposed: bool) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply ``step`` to every member's ``[*lead, features]`` activation held as ``h`` ``[members, rows, features]``."""
+    rows = h.mT if transposed else h
+    out = step.apply(rows.reshape(rows.shape[0], *lead, rows.shape[2]))
+    if out.dim() < 2:
+        raise EnsembleError(
+            f"Ensemble: {step.method}{step.args} leaves each member a scalar; the fast path needs features."
+        )
+    rows = out.reshape(out.shape[0], -1, out.shape[-1])
+    return (rows.mT if transposed else rows), tuple(out.shape[1:-1])
 
 
 def _dropout(h: Tensor, p: float, training: bool, randomness: str) -> Tensor:
@@ -205,9 +356,7 @@ class FastPath:
         # Above about a million elements per stacked weight, copying a transposed
         # gradient (and allocating fresh memory for it every step) costs more than
         # the transposed layout's slightly slower small products; see run().
-        self.weights_are_large = any(
-            s.weight.get().numel() >= 2**20 for s in steps if isinstance(s, LinearStep)
-        )
+        self.weights_are_large = any(s.weight.get().numel() >= 2**20 for s in steps if isinstance(s, LinearStep))
 
     @classmethod
     def plan(cls, template: nn.Module, state: StackedState) -> FastPath | None:
@@ -218,7 +367,13 @@ class FastPath:
         slots = {alias: slot for slot in state.param_slots for alias in state.aliases[slot.name]}
         steps: list[Step] = []
         for name, layer in layers:
-            if not isinstance(layer, nn.Module):  # an element-wise function from a traced forward
+            if isinstance(layer, ReshapeStep):
+                steps.append(layer)
+            elif isinstance(layer, nn.Flatten):
+                steps.append(ReshapeStep("flatten", (layer.start_dim, layer.end_dim)))
+            elif isinstance(layer, nn.Unflatten):
+                steps.append(ReshapeStep("unflatten", (layer.dim, tuple(layer.unflattened_size))))
+            elif not isinstance(layer, nn.Module):  # an element-wise function from a traced forward
                 steps.append(ActivationStep(layer, relu=layer in (torch.relu, F.relu)))
             elif isinstance(layer, nn.Linear):
                 steps.append(LinearStep(name, slots[f"{name}.weight"], slots.get(f"{name}.bias")))
@@ -231,7 +386,7 @@ class FastPath:
         return cls(steps)
 
     def run(self, x: Tensor, shared: bool, n: int, training: bool, randomness: str, transposed: bool) -> Tensor:
-        """The chain for every member: ``x`` ``[rows..., in]`` (shared) or ``[n, rows..., in]`` -> ``[n, rows..., out]``.
+        """The chain for every member: ``x`` ``[rows..., in]`` (shared) or ``[n, rows..., in]`` -> ``[n, ..., out]``.
 
         Activations are normally kept as ``[members, rows, features]`` and each
         layer is ``baddbmm(bias, h, weight.mT)``. With ``transposed`` (autograd
@@ -243,7 +398,7 @@ class FastPath:
         """
         if x.dim() == 0:
             raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
-        lead = x.shape[:-1] if shared else x.shape[1:-1]
+        lead = tuple(x.shape[:-1] if shared else x.shape[1:-1])  # one member's activation: [*lead, features]
         rows = x.reshape(1 if shared else n, -1, x.shape[-1])
         h = rows.mT if transposed else rows
         pending = shared  # h still has a member dimension of 1, meaning "the same for all"
@@ -259,6 +414,8 @@ class FastPath:
                     )
                 bias = None if step.bias is None else step.bias.get()
                 h, pending, fresh = _linear(h, weight, bias, pending, transposed), False, True
+            elif isinstance(step, ReshapeStep):
+                h, lead = _reshape(h, step, lead, transposed)
             elif isinstance(step, DropoutStep):
                 if pending and training and randomness == "different":
                     h, pending = h.expand(n, -1, -1), False  # every member draws its own mask

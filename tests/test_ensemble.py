@@ -262,6 +262,76 @@ def test_fast_path_with_large_weights_uses_the_transposed_layout_correctly() -> 
             torch.testing.assert_close(p.grad, q.grad, **TOL)
 
 
+class FlattenMLP(nn.Module):
+    """The seed tutorial's MLP: its forward starts with ``x.flatten(start_dim=1)``."""
+
+    def __init__(self, in_features: int = 12, hidden: int = 16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_features, hidden), nn.Linear(hidden, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x.flatten(start_dim=1))))
+
+
+class Reshaping(nn.Module):
+    """Transpose, view with a read size, reshape with x.shape, unsqueeze: every reshape kind between Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(3 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, 4, 3] -> [batch, 1, 5]
+        h = torch.tanh(self.fc1(x.transpose(1, 2)))  # [batch, 3, 6]
+        h = h.view(h.size(0), -1)
+        h = h.reshape(h.shape[0], 18)
+        return torch.flatten(self.fc2(h).unsqueeze(-1), 1).unsqueeze(1)
+
+
+RESHAPING = {
+    "seed MLP": (lambda: FlattenMLP(12), (3, 1, 3, 4)),
+    "reshapes": (Reshaping, (3, 4, 3)),
+    "nn.Flatten": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Unflatten(1, (2, 3))), (3, 3, 4)),
+    "large": (lambda: FlattenMLP(1200, 900), (3, 2, 600)),  # the transposed training layout
+}
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+@pytest.mark.parametrize("kind", list(RESHAPING))
+def test_fast_path_runs_reshapes_of_member_dims(kind: str, per_member: bool) -> None:
+    """flatten / view / reshape / transpose between Linears stay on the baddbmm path and equal the loop."""
+    factory, shape = RESHAPING[kind]
+    torch.manual_seed(0)
+    models = [factory() for _ in range(4)]
+    ens = Ensemble.from_modules(models)
+    assert "path=baddbmm" in repr(ens)
+    x = torch.randn(4, *shape) if per_member else torch.randn(*shape)
+    got = ens(x, in_dims=0 if per_member else None)
+    expected = loop(models, x, per_member)
+    torch.testing.assert_close(got, expected, **TOL)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for key, stacked in ens.named_stacked_parameters().items():
+        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
+
+
+def test_fast_path_refuses_reshapes_it_cannot_map_and_explains_bad_dims() -> None:
+    """A reshape reading another tensor's size stays on vmap; a dim past the member's is an EnsembleError."""
+
+    class SizeOfInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).view(x.size(0), -1)  # reads the input's size after the Linear
+
+    assert "path=vmap" in repr(Ensemble(SizeOfInput, 2))
+    ens = Ensemble(lambda: nn.Sequential(nn.Flatten(-3), nn.Linear(4, 2)), 2)
+    assert "path=baddbmm" in repr(ens)
+    with pytest.raises(EnsembleError, match=r"flatten\(-3, -1\) refers to dimension -3.*2 dimensions"):
+        ens(torch.randn(5, 4))
+
+
 def test_fast_path_does_not_modify_the_input() -> None:
     """In-place activations never touch the caller's tensor."""
     ens = Ensemble(lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.ReLU()), 3)
