@@ -1,22 +1,35 @@
-"""Building the members of ``Ensemble(factory, n)``: the prototype, then ``n`` initial values per tensor.
+"""Building the members of ``Ensemble(factory, n)``: independent draws from the law of ``factory()``.
 
-:func:`make_prototype` calls the factory once. The members' values are then
-drawn either all together (:func:`draw_members`: every submodule's
-``reset_parameters()`` under ``vmap(randomness="different")``) or one member
-after another from per-member seeds (:func:`draw_seeded_members`).
+:func:`make_prototype` calls the factory once, recording what the call does to each
+tensor (:mod:`._record`). The members are then built in one of two ways, both giving
+member values distributed exactly as separate ``factory()`` calls:
+
+- replay: every tensor the call drew was written only by self-contained in-place ops
+  (``uniform_``, ``normal_``, ``nn.init.kaiming_uniform_``, ``w[0].zero_()`` ...), so
+  those writes are replayed on the stacked tensors, in the recorded order, under
+  ``vmap(randomness="different")`` (:func:`draw_members`: fan-in and fan-out from one
+  member's shape) or member after member under each member's seed
+  (:func:`draw_seeded_members`); tensors no draw reached are the same in every call
+  and are copied;
+- separate calls: otherwise (a tensor computed from others, ``orthogonal_``, a drawn
+  value read into Python, a replay vmap cannot run ...), ``factory()`` is called once
+  per member (under the member's seed on the seeded path) and the results are stacked.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+import random
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ._errors import EnsembleError
-from ._state import meta_copy
+from ._record import Plan, record_factory
 
 __all__ = ["draw_members", "draw_seeded_members", "is_torch_nn_class", "make_prototype", "member_seed"]
 
@@ -25,36 +38,6 @@ State = dict[str, Tensor]
 
 def is_torch_nn_class(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.nn.")
-
-
-def _reset_method(module: nn.Module) -> Callable[[], None] | None:
-    for name in ("reset_parameters", "_reset_parameters"):
-        method = getattr(module, name, None)
-        if callable(method):
-            return method
-    return None
-
-
-def _post_order(module: nn.Module) -> Iterator[nn.Module]:
-    """Children before parents: the order in which constructors initialize."""
-    for child in module.children():
-        yield from _post_order(child)
-    yield module
-
-
-class _Resetter(nn.Module):
-    """Calls every ``reset_parameters`` of ``inner``; functional_call swaps the state in."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self) -> Tensor:
-        for module in _post_order(self.inner):
-            reset = _reset_method(module)
-            if reset is not None:
-                reset()
-        return torch.zeros(())
 
 
 def _check_arguments(factory: object, num_members: object, seed: object) -> None:
@@ -77,6 +60,66 @@ def _check_arguments(factory: object, num_members: object, seed: object) -> None
         raise EnsembleError(f"Ensemble: seed must be an int or None, got {type(seed).__name__}.")
 
 
+@dataclass
+class _Build:
+    """What :func:`make_prototype` learned, for the draw that follows: the factory, its plan, the raw values."""
+
+    factory: Callable[[], nn.Module]
+    plan: Plan
+    raw: State  # the values of the recorded call, before device= / dtype= conversion
+
+
+# The prototype's build, until draw_members / draw_seeded_members takes it.
+_BUILDS: weakref.WeakKeyDictionary[nn.Module, _Build] = weakref.WeakKeyDictionary()
+
+
+def _named_state(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+@contextmanager
+def _forked_rng(seed: int | None = None, foreign: bool = False, device: torch.device | None = None) -> Iterator[None]:
+    """Leave the global generators as they were (torch's on the CPU and the CUDA devices in use; with
+    ``foreign``, Python's and NumPy's too); inside, seed them with ``seed`` if given."""
+    cuda = {torch.cuda.current_device()} if torch.cuda.is_available() and torch.cuda.is_initialized() else set()
+    if device is not None and device.type == "cuda":
+        cuda.add(device.index if device.index is not None else torch.cuda.current_device())
+    numpy = sys.modules.get("numpy") if foreign else None
+    saved = (random.getstate(), numpy.random.get_state() if numpy is not None else None)
+    with torch.random.fork_rng(devices=sorted(cuda)):
+        if seed is not None:
+            torch.manual_seed(seed)
+            if foreign:
+                random.seed(seed)
+                if numpy is not None:
+                    numpy.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            if foreign:
+                random.setstate(saved[0])
+                if numpy is not None:
+                    numpy.random.set_state(saved[1])
+
+
+def _check_deterministic(factory: Callable[[], nn.Module], plan: Plan, raw: State) -> Plan:
+    """Call ``factory()`` a second time: the tensors the plan copies must come out the same.
+
+    A safety net for draws the recorder cannot see (an op called below the Python API);
+    the global generators are left as they were.
+    """
+    replayed = {name for name, _ in plan.steps}
+    with _forked_rng(foreign=True), torch.no_grad():
+        again = dict(_named_state(factory()))
+    for name, t in raw.items():
+        other = again.get(name)
+        if name in replayed or t.numel() == 0:
+            continue
+        if other is None or other.shape != t.shape or not torch.equal(other.to(t.device), t):
+            return Plan([], f"{name!r} differs between two factory() calls although no recorded draw wrote it")
+    return plan
+
+
 def make_prototype(
     factory: Callable[[], nn.Module],
     num_members: int,
@@ -84,20 +127,24 @@ def make_prototype(
     dtype: torch.dtype | None,
     seed: int | None,
 ) -> nn.Module:
-    """Check the constructor's arguments and call ``factory()`` once (leaving the global RNG alone if seeded)."""
+    """Check the constructor's arguments and call ``factory()`` once, recording it (leaving the global RNG alone
+    if seeded)."""
     _check_arguments(factory, num_members, seed)
     if seed is not None:
         # A seeded ensemble leaves the global generators alone: the CPU's, and the
         # current CUDA device's if CUDA is in use (never every GPU, nor starting CUDA).
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda):
-            prototype = factory()
+        with _forked_rng():
+            prototype, plan = record_factory(factory)
     else:
-        prototype = factory()
+        prototype, plan = record_factory(factory)
     if not isinstance(prototype, nn.Module):
         raise EnsembleError(f"Ensemble: factory() returned a {type(prototype).__name__}, not an nn.Module.")
+    raw = {name: t.detach() for name, t in _named_state(prototype)}
+    if plan.fallback is None and num_members > 1:
+        plan = _check_deterministic(factory, plan, raw)
     if device is not None or dtype is not None:
         prototype = prototype.to(device=device, dtype=dtype)
+    _BUILDS[prototype] = _Build(factory, plan, raw)
     return prototype
 
 
@@ -112,122 +159,109 @@ def member_seed(seed: int, member: int) -> int:
     return (seed * 1_000_003 + member * 7_919 + 0x5EED) % 2**63
 
 
-def _warn_uncovered(prototype: nn.Module, n: int) -> None:
-    uncovered = [
-        f"{prefix}.{name}".lstrip(".")
-        for prefix, module in prototype.named_modules()
-        if _reset_method(module) is None
-        for name, p in module._parameters.items()
-        if p is not None and p.is_floating_point()
-    ]
-    if uncovered and n > 1:
-        warnings.warn(
-            f"Ensemble: {uncovered} belong to modules without reset_parameters(), so every "
-            "member starts with the values of one factory() call. Give those modules a "
-            "reset_parameters() method to draw them per member, or build the members "
-            "yourself and use Ensemble.from_modules([factory() for _ in range(n)]).",
-            stacklevel=5,
-        )
+def _stacked_like(prototype: nn.Module, build: _Build, n: int) -> State:
+    """``[n, *shape]`` copies of the recorded values, in their recorded dtype, on the prototype's device."""
+    target = dict(_named_state(prototype))
+    return {name: t.to(target[name].device).unsqueeze(0).expand(n, *t.shape).clone() for name, t in build.raw.items()}
 
 
-def _allocate(prototype: nn.Module, n: int) -> tuple[State, State, dict[str, int]]:
-    """Stacked tensors for ``n`` members, not yet drawn.
-
-    A tensor that a ``torch.nn`` layer's own initializer is about to
-    overwrite is only allocated (no copy); every other tensor holds the
-    prototype's values. The third result maps each allocated-only tensor to
-    its version counter, for :func:`_fill_unwritten` to check afterwards.
-    """
-    fully_reset: set[int] = set()  # ids of tensors a torch.nn layer's reset overwrites
-    for module in prototype.modules():
-        if is_torch_nn_class(module) and _reset_method(module) is not None:
-            fully_reset.update(id(t) for t in module._parameters.values() if t is not None)
-            fully_reset.update(id(t) for t in module._buffers.values() if t is not None)
-    _warn_uncovered(prototype, n)
-
-    def stacked(t: Tensor) -> Tensor:
-        if id(t) in fully_reset:  # about to be overwritten: skip copying
-            return torch.empty((n, *t.shape), dtype=t.dtype, device=t.device)
-        return t.detach().unsqueeze(0).expand(n, *t.shape).clone()
-
-    with torch.no_grad():
-        params = {name: stacked(p) for name, p in prototype.named_parameters()}
-        buffers = {name: stacked(b) for name, b in prototype.named_buffers()}
-    named = [*prototype.named_parameters(), *prototype.named_buffers()]
-    allocated = {**params, **buffers}
-    versions = {name: allocated[name]._version for name, t in named if id(t) in fully_reset}
-    return params, buffers, versions
+def _view(stacked: Tensor, step) -> Tensor:  # noqa: ANN001 - a _record.Step
+    """The members' ``[n, *step.shape]`` view that ``step`` writes, in a contiguous ``[n, ...]`` stack."""
+    return stacked.as_strided(
+        (stacked.shape[0], *step.shape), (stacked.stride(0), *step.stride), stacked.storage_offset() + step.offset
+    )
 
 
-def _with_grad_flags(prototype: nn.Module, params: State) -> State:
-    """Give each drawn stacked parameter the prototype's ``requires_grad`` (the flag travels on the tensor)."""
+def _replay_vmapped(stacked: State, plan: Plan) -> None:
+    """Every recorded draw on every member at once; fan-in and fan-out come from one member's shape under vmap."""
+    for name, step in plan.steps:
+
+        def write(view: Tensor, step=step) -> Tensor:  # noqa: ANN001
+            step.apply(view)
+            return torch.zeros(())
+
+        torch.vmap(write, randomness="different")(_view(stacked[name], step))
+
+
+def _finish(prototype: nn.Module, stacked: State) -> tuple[State, State]:
+    """Convert to the prototype's dtypes and split into parameters (with their ``requires_grad``) and buffers."""
+    params = {}
     for name, p in prototype.named_parameters():
-        params[name].requires_grad_(p.requires_grad)
-    return params
+        params[name] = stacked[name].to(p.dtype).requires_grad_(p.requires_grad)
+    buffers = {name: stacked[name].to(b.dtype) for name, b in prototype.named_buffers()}
+    return params, buffers
 
 
-def _fill_unwritten(prototype: nn.Module, stacked: Mapping[str, Tensor], versions: Mapping[str, int]) -> None:
-    """Give every allocated-only tensor that no initializer wrote the prototype's values.
+def _member_state(build: _Build, call: int) -> State:
+    """The tensors of one more ``factory()`` call, checked against the first call's names and shapes."""
+    state = dict(_named_state(build.factory()))
+    for name, t in build.raw.items():
+        found = state.get(name)
+        if found is None or found.shape != t.shape:
+            got = "no such tensor" if found is None else f"shape {list(found.shape)}"
+            raise EnsembleError(
+                f"Ensemble: factory() call {call} built a module whose {name!r} has {got}, but the first "
+                f"call's has shape {list(t.shape)}. Every call must build the same architecture; build "
+                "different ones separately."
+            )
+    return state
 
-    A ``torch.nn`` layer's ``reset_parameters()`` normally overwrites all of its
-    tensors, so they are allocated without a copy. One that writes through a
-    computed attribute instead (the hook-based ``torch.nn.utils.weight_norm``,
-    for instance) leaves them untouched: the version counter says so, and they
-    get the values of the one ``factory()`` call instead of uninitialized memory.
-    """
-    unwritten = [name for name, version in versions.items() if stacked[name]._version == version]
-    if not unwritten:
-        return
-    state = {**dict(prototype.named_parameters()), **dict(prototype.named_buffers())}
-    for name in unwritten:
-        stacked[name].copy_(state[name].detach().expand_as(stacked[name]))
-    if len(next(iter(stacked.values()))) > 1:
-        warnings.warn(
-            f"Ensemble: the initializers of {unwritten} did not write them, so every member "
-            "starts with the values of one factory() call. Build the members yourself and use "
-            "Ensemble.from_modules([factory() for _ in range(n)]) to draw them per member.",
-            stacklevel=4,
-        )
+
+def _from_calls(prototype: nn.Module, build: _Build, seeds: list[int | None], first_is_raw: bool) -> State:
+    """One ``factory()`` call per member (under ``seeds[k]`` when given), stacked; the recorded call may be member 0."""
+    target = dict(_named_state(prototype))
+    stacked = {name: torch.empty((len(seeds), *t.shape), dtype=t.dtype, device=t.device) for name, t in target.items()}
+    with torch.no_grad():
+        for k, seed in enumerate(seeds):
+            if k == 0 and first_is_raw:
+                state = build.raw
+            else:
+                with _forked_rng(seed, build.plan.foreign_rng) if seed is not None else _no_fork():
+                    state = _member_state(build, k)
+            for name, t in stacked.items():
+                t[k].copy_(state[name].detach())
+    return stacked
+
+
+@contextmanager
+def _no_fork() -> Iterator[None]:
+    yield
 
 
 def draw_members(prototype: nn.Module, n: int) -> tuple[State, State]:
-    """Draw ``n`` independent initializations with one vmapped pass of the initializers."""
-    params, buffers, versions = _allocate(prototype, n)
-    state = {**params, **buffers}
-    with torch.no_grad():
-        if any(_reset_method(m) is not None for m in prototype.modules()):
-            resetter = _Resetter(meta_copy(prototype))
-            inner = {f"inner.{k}": v for k, v in state.items()}
-            try:
-                torch.vmap(lambda s: functional_call(resetter, s, ()), randomness="different")(inner)
-            except Exception as err:  # an initializer vmap cannot batch
-                raise EnsembleError(
-                    f"Ensemble: running the members' reset_parameters() under torch.vmap failed "
-                    f"({type(err).__name__}: {err}). Build the members yourself and use "
-                    "Ensemble.from_modules([factory() for _ in range(n)]) instead."
-                ) from err
-        _fill_unwritten(prototype, state, versions)
-    return _with_grad_flags(prototype, params), buffers
+    """``n`` independent members from the global generator: the recorded draws replayed under vmap, or ``n`` calls."""
+    build = _BUILDS.pop(prototype)
+    if build.plan.fallback is None:
+        stacked = _stacked_like(prototype, build, n)
+        try:
+            with torch.no_grad():
+                _replay_vmapped(stacked, build.plan)
+            return _finish(prototype, stacked)
+        except Exception as err:  # an initializer vmap cannot batch: separate calls are exact too
+            build.plan = Plan([], f"replaying under vmap failed ({type(err).__name__}: {err})")
+    return _finish(prototype, _from_calls(prototype, build, [None] * n, first_is_raw=True))
 
 
 def draw_seeded_members(prototype: nn.Module, seed: int, members: range) -> tuple[State, State]:
     """Initialize member ``i`` from its own seed, derived from ``(seed, i)`` only.
 
-    The members are drawn one after another (into views of the stacked
-    tensors: no module is built), each under ``torch.manual_seed`` of its own
-    seed, with the global random state restored afterwards. So member ``i``
-    is the same whatever the number of members or the process that builds it,
-    which is what sharding an ensemble across processes needs.
+    Each member's recorded draws are replayed on its slice of the stacked
+    tensors under ``torch.manual_seed`` of its own seed (or, where the plan
+    says replay would not be exact, ``factory()`` is called under that seed),
+    with the global random state restored afterwards. So member ``i`` is the
+    same whatever the number of members or the process that builds it, which
+    is what sharding an ensemble across processes needs.
     """
-    params, buffers, versions = _allocate(prototype, len(members))
-    state = {**params, **buffers}
-    resetter = _Resetter(meta_copy(prototype))
-    device = next(iter(state.values())).device
-    fork = {"devices": [device] if device.type == "cuda" else [], "device_type": device.type}
+    build = _BUILDS.pop(prototype)
+    seeds = [member_seed(seed, member) for member in members]
+    if build.plan.fallback is not None:
+        return _finish(prototype, _from_calls(prototype, build, seeds, first_is_raw=False))
+    stacked = _stacked_like(prototype, build, len(members))
+    views = [(_view(stacked[name], step), step) for name, step in build.plan.steps]
+    device = next(iter(stacked.values())).device
     with torch.no_grad():
-        for k, member in enumerate(members):
-            with torch.random.fork_rng(**fork):
-                torch.manual_seed(member_seed(seed, member))
-                functional_call(resetter, {f"inner.{name}": v[k] for name, v in state.items()}, ())
-        _fill_unwritten(prototype, state, versions)
-    return _with_grad_flags(prototype, params), buffers
+        for k, member in enumerate(seeds):
+            with _forked_rng(member, device=device):
+                for view, step in views:
+                    step.apply(view[k])
+    return _finish(prototype, stacked)
