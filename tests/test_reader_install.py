@@ -156,6 +156,17 @@ def test_the_package_version_is_the_release_version() -> None:
     assert declared is not None and declared.group(1) == ensembling.__version__
 
 
+def test_the_site_offers_the_sanitize_file() -> None:
+    """The landing page links notebooks/nbval_sanitize.cfg as a download (nbval on a notebook outside the clone)."""
+    if not (ROOT / "docs" / "_build" / "html" / "index.html").exists():
+        pytest.skip("site not built: run `make docs` first (CI does)")
+    offered = list(DOWNLOADS.glob("*/nbval_sanitize.cfg"))
+    assert offered, "docs/index.rst no longer links nbval_sanitize.cfg as a :download:"
+    source = (ROOT / "notebooks" / "nbval_sanitize.cfg").read_bytes()
+    assert max(offered, key=lambda path: path.stat().st_mtime).read_bytes() == source
+    assert "nbval_sanitize.cfg" in (ROOT / "docs" / "_build" / "html" / "index.html").read_text(encoding="utf-8")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", PAGES)
 def test_downloaded_notebook_installs_itself_and_runs(
