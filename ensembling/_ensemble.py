@@ -33,7 +33,7 @@ from ._layers import describe_stand_ins, make_runner
 from ._options import Options, Randomness
 from ._state import StackedState, check_checkpoint, meta_copy
 from ._validate import check_members
-from ._vmap import InDims, VmapRunner, check_in_dims
+from ._vmap import InDims, VmapRunner
 
 __all__ = ["Ensemble"]
 
@@ -402,23 +402,58 @@ class Ensemble(nn.Module):
         ----------
         *args
             The member's positional inputs.
-        in_dims : int, None or tuple, default None
-            As for :func:`torch.vmap`, for the positional inputs only: ``None``
-            gives every member the same input; ``0`` gives member ``i`` slice
-            ``i`` of dimension 0 (which must have ``num_members`` entries); a
-            tuple gives one entry per positional input.
+        in_dims : int, None, tuple or dict, default None
+            Which inputs are split across the members. ``None`` gives every
+            member the same input; ``0`` gives member ``i`` slice ``i`` of
+            dimension 0 (which must have ``num_members`` entries). An int or
+            ``None`` applies to every positional input, a tuple gives one entry
+            per positional input (as for :func:`torch.vmap`), and a dict
+            addresses inputs by position or by name -- a keyword's name, or the
+            name of a positional parameter of the member's ``forward`` -- e.g.
+            ``{"attention_mask": 0}``; inputs it does not name are shared.
+            Keyword inputs are shared unless a dict names them. An object this
+            ensemble returned (a cache) is split at dimension 0 unless
+            ``in_dims`` names it.
         randomness, chunk_size : optional
             Override the ensemble's settings for this call.
         **kwargs
-            Keyword inputs, shared by every member.
+            Keyword inputs, shared by every member unless ``in_dims`` names them.
 
         Returns
         -------
         Any
-            Whatever the member returns, with a leading dimension of size ``num_members`` on each tensor.
+            Whatever the member returns, with a leading dimension of size ``num_members`` on each
+            tensor, also inside containers and objects such as a ``ModelOutput`` holding a
+            ``DynamicCache`` (feed that cache back as it is: it is split per member). Values that
+            are not tensors (``None``, ints, strings) come back as they are.
+
+        Raises
+        ------
+        EnsembleError
+            A split input with the wrong member count; an ``in_dims`` key naming no input; a forward
+            ``torch.vmap`` cannot run as one call (which layer and input, and the way out).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from ensembling import Ensemble
+        >>> class Masked(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(3, 2)
+        ...     def forward(self, x, mask=None):
+        ...         return self.lin(x if mask is None else x * mask)
+        >>> ens = Ensemble(Masked, 4)
+        >>> x = torch.randn(5, 3)                            # [BATCH, 3], shared by the members
+        >>> masks = torch.randint(0, 2, (4, 5, 3)).float()   # [N, BATCH, 3], one mask per member
+        >>> out = ens(x, mask=masks, in_dims={"mask": 0})    # member i gets masks[i]
+        >>> out.shape                                        # [N, BATCH, 2]
+        torch.Size([4, 5, 2])
+        >>> torch.testing.assert_close(out[1], ens[1](x, mask=masks[1]))
         """
         options = self._options.override(randomness, chunk_size)
-        dims = check_in_dims(args, in_dims, self.num_members)
+        dims, kw_dims = self._vmap.check(args, kwargs, in_dims, self.num_members)
         if self._fast is not None and options.fast_path and options.chunk_size is None:
             if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and dims[0] in (None, 0):
                 transposed = (
@@ -430,7 +465,7 @@ class Ensemble(nn.Module):
                 return self._fast.run(args[0], shared, self.num_members, self.training, options.randomness, transposed)
         params, buffers = self._state.params(), self._state.buffers()
         device = self._state.device()
-        return self._vmap(params, buffers, args, kwargs, dims, options.randomness, options.chunk_size, device)
+        return self._vmap(params, buffers, args, kwargs, dims, options.randomness, options.chunk_size, device, kw_dims)
 
 
 def _check_block(members: range, num_members: int, seed: int | None) -> None:
