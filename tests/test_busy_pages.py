@@ -1,7 +1,10 @@
 """The speed pages run to the end on a busy CPU, and what they print about speed agrees with itself.
 
-A reader's machine is rarely idle. Each page that times anything is executed as
-a script while two processes spin on the CPU; then every verdict it printed
+A reader's machine is rarely idle. The pages that time things are executed as
+scripts, all at once, while two more processes spin on the CPU (so each page
+also competes with the others: on a 2-core machine that is heavy load, and it
+keeps the test's wall time close to the pages' total CPU time divided by the
+cores); then every verdict each page printed
 (``ensembling.tutorial.verdict``) is parsed and its words are checked against
 its own numbers: "faster" / "slower" only with a whole range beyond 1,
 "too close to call" only with a range that reaches 1.
@@ -14,13 +17,12 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from ensembling.tutorial import MEASURED_PREFIX
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_PAGES = [
@@ -33,9 +35,9 @@ _DECIDED = re.compile(rf"is {_NUMBER} (faster|slower) than .+? \({_NUMBER} to {_
 _UNDECIDED = re.compile(rf": too close to call \(speedup {_NUMBER} to {_NUMBER} over (\d+) rounds?\)")
 
 
-@pytest.fixture
+@contextmanager
 def busy_cpu() -> Iterator[None]:
-    """Competing processes that spin on every core for as long as the test runs; always killed."""
+    """Competing processes that spin on the CPU while the block runs; always killed."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY)]
     try:
         yield
@@ -43,6 +45,35 @@ def busy_cpu() -> Iterator[None]:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[int, str, str]]:
+    """The selected speed pages run as scripts, concurrently, under busy_cpu: stem -> (return code, stdout, stderr)."""
+    selected = [page for page in SPEED_PAGES if any(page.stem in item.nodeid for item in request.session.items)]
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    logs = tmp_path_factory.mktemp("busy_pages")
+    runs: dict[str, subprocess.Popen] = {}
+    with busy_cpu():
+        try:
+            for page in selected:
+                out, err = (open(logs / f"{page.stem}.{kind}", "w") for kind in ("out", "err"))
+                with out, err:
+                    runs[page.stem] = subprocess.Popen(
+                        [sys.executable, page.name], cwd=page.parent, env=env, stdout=out, stderr=err
+                    )
+            codes = {stem: run.wait(timeout=900) for stem, run in runs.items()}
+        finally:
+            for run in runs.values():
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
+    return {
+        stem: (code, (logs / f"{stem}.out").read_text(), (logs / f"{stem}.err").read_text())
+        for stem, code in codes.items()
+    }
 
 
 def check_verdict(line: str) -> bool:
@@ -95,15 +126,15 @@ def test_check_verdict_catches_words_that_contradict_the_numbers(line: str) -> N
         check_verdict(line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", SPEED_PAGES, ids=lambda page: page.stem)
-def test_speed_page_runs_on_a_busy_cpu_and_agrees_with_itself(page: Path, busy_cpu: None) -> None:
+def test_speed_page_runs_on_a_busy_cpu_and_agrees_with_itself(
+    page: Path, page_runs: dict[str, tuple[int, str, str]]
+) -> None:
     """The page completes under CPU load; its verdicts agree with their numbers; no bare True/False claims."""
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(
-        [sys.executable, page.name], cwd=page.parent, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert run.returncode == 0, f"{page.name} failed under load:\n{run.stderr[-3000:]}"
-    lines = run.stdout.splitlines()
+    code, stdout, stderr = page_runs[page.stem]
+    assert code == 0, f"{page.name} failed under load:\n{stderr[-3000:]}"
+    lines = stdout.splitlines()
     measured = [line[len(MEASURED_PREFIX) :] for line in lines if line.startswith(MEASURED_PREFIX)]
     verdicts = [line for line in measured if check_verdict(line)]
     assert verdicts, f"{page.name} printed no verdict computed from its timings"

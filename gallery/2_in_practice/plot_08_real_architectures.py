@@ -37,7 +37,7 @@ from torch.func import functional_call, stack_module_state
 
 import ensembling
 from ensembling import Ensemble
-from ensembling.tutorial import measure, print_measured
+from ensembling.tutorial import compare, print_measured, speedup, verdict
 
 torch.manual_seed(0)
 device = ensembling.default_device()
@@ -163,7 +163,11 @@ for name, (cls, x, _) in setups.items():
 # step for *all* members together (the same gate equations as the fused
 # kernel), and attention runs on its unfused path (on a CPU, the math backend
 # of ``scaled_dot_product_attention``), which is plain batched matrix products.
-# No member is ever run on its own.
+# No member is ever run on its own. Its repr says what runs: the path (``vmap``
+# means one vmapped functional call of the member's architecture) and, after
+# ``stand-ins:``, each layer that runs as something else inside that call, and
+# what replaces it. An ensemble without a ``stand-ins:`` entry runs exactly what
+# plain ``vmap`` would.
 ensembles = {name: Ensemble(cls, MEMBERS).to(device) for name, (cls, _, _) in setups.items()}
 for name, ens in ensembles.items():
     x = setups[name][1]
@@ -176,9 +180,9 @@ for name, ens in ensembles.items():
 # ------------------------
 # ``ens.unstack()`` gives the members back as ordinary modules running
 # PyTorch's own kernels (a fused LSTM kernel: cuDNN on NVIDIA GPUs, oneDNN on
-# most CPUs; the fused fast path for the transformer in eval mode). The ensemble must agree with them on the
-# outputs in both modes, on the BatchNorm running statistics updated in
-# training mode, and on each member's gradients.
+# most CPUs; the fused fast path for the transformer in eval mode). The
+# ensemble must agree with them on the outputs in both modes, on the BatchNorm
+# running statistics updated in training mode, and on each member's gradients.
 for name, ens in ensembles.items():
     _, x, y = setups[name]
     tol = ensembling.tolerances(torch.float32, device, op="conv" if "CNN" in name else "matmul")
@@ -205,16 +209,20 @@ for name, ens in ensembles.items():
     print(f"{name:13} outputs, statistics and gradients of all {MEMBERS} members match the loop")
 
 # %%
-# ``torch.compile`` takes every one of these ensembles whole: with
-# ``fullgraph=True`` any graph break would raise. The ``"eager"`` backend
-# checks the capture quickly without generating code; use the default backend
-# for speed.
+# Can ``torch.compile`` take these ensembles whole? With ``fullgraph=True``
+# any graph break raises. This page checks only the *capture*, in eval mode
+# without gradients, with the ``"eager"`` backend, which runs the captured
+# graph without generating code: the default backend (inductor), training
+# mode and gradients are not checked here, because compiling them takes tens
+# of seconds per model on a small CPU.
+captured = []
 for name, ens in ensembles.items():
     x = setups[name][1]
     compiled = torch.compile(ens.eval(), backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ens(x))
-print("all three compile as one graph, with the same outputs")
+    captured.append(name)
+print(f"eval-mode forward captured as one graph, same outputs: {', '.join(captured)}")
 
 
 # %%
@@ -223,9 +231,11 @@ print("all three compile as one graph, with the same outputs")
 # Forward passes in eval mode without gradients, then a full training step:
 # forward, the loss, backward and an Adam step (one optimizer per member for
 # the loop, one for the ensemble, which updates each member exactly as its own
-# optimizer would).
-def timed(fn) -> float:
-    return measure(fn, device=device, min_run_time=0.05, warmup=2).median
+# optimizer would). The loop and the ensemble are timed in alternation, five
+# rounds each (:func:`ensembling.tutorial.compare`), and each comparison is
+# worded from the spread over the rounds.
+def timed(loop, ensemble) -> dict:
+    return compare({"loop": loop, "Ensemble": ensemble}, device=device, min_run_time=0.1, rounds=5)
 
 
 results = {}
@@ -236,7 +246,7 @@ for name, ens in ensembles.items():
         ens.eval()
         for m in members:
             m.eval()
-        forward = timed(lambda: [m(x) for m in members]), timed(lambda: ens(x))
+        forward = timed(lambda: [m(x) for m in members], lambda: ens(x))
     ens.train()
     member_opts = []
     for m in members:
@@ -255,57 +265,74 @@ for name, ens in ensembles.items():
         sum(loss_fn(name, out, y) for out in ens(x)).backward()
         ens_opt.step()
 
-    results[name] = {"forward": forward, "training step": (timed(loop_step), timed(ensemble_step))}
-    for what, (loop_time, ens_time) in results[name].items():
-        print_measured(
-            f"{name:13} {what:13}: loop {1e3 * loop_time:7.2f} ms, "
-            f"Ensemble {1e3 * ens_time:7.2f} ms, speedup {loop_time / ens_time:.2f}x"
-        )
+    results[name] = {"forward": forward, "training step": timed(loop_step, ensemble_step)}
+    for what, t in results[name].items():
+        print_measured(f"{name:13} {what:13}: loop {t['loop']}, Ensemble {t['Ensemble']}")
+        print_measured(f"  {verdict(t['Ensemble'], t['loop'], y_name='the loop')}")
 
 # %%
-# Bars above 1 mean the ensemble is faster than the loop.
+# Bars above 1 mean the ensemble is faster than the loop; each bar is the
+# median over the rounds, its thin line the range of the middle 80% of them.
+ratios = {
+    (n, w): speedup(t["Ensemble"], t["loop"]) for n, v in results.items() for w, t in v.items()
+}
 fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
 names = list(results)
 for k, what in enumerate(["forward", "training step"]):
-    ratios = [results[n][what][0] / results[n][what][1] for n in names]
-    bars = ax.bar([i + 0.38 * k for i in range(len(names))], ratios, width=0.36, label=what)
-    ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    r = [ratios[n, what] for n in names]
+    spread = [[q.value - q.low for q in r], [q.high - q.value for q in r]]
+    xs = [i + 0.38 * k for i in range(len(names))]
+    bars = ax.bar(xs, [q.value for q in r], width=0.36, label=what, yerr=spread)
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8, label_type="center")
 ax.axhline(1, color="black", linewidth=0.8)
 ax.set_xticks([i + 0.19 for i in range(len(names))], names)
 ax.set_ylabel("loop time / Ensemble time")
-ax.set_ylim(0, 1.25 * max(r[0] / r[1] for v in results.values() for r in v.values()))
+ax.set_ylim(0, 1.15 * max(q.high for q in ratios.values()))
 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 plt.show()
 
 # %%
 # Reading the measurements, computed from them:
-speedups = {(n, w): t[0] / t[1] for n, v in results.items() for w, t in v.items()}
-wins = [f"{n} {w}" for (n, w), s in speedups.items() if s > 1]
-losses = [f"{n} {w}" for (n, w), s in speedups.items() if s <= 1]
-print_measured(f"the ensemble is faster in {len(wins)} of {len(speedups)} measurements: {wins}")
-print_measured(f"the loop is as fast or faster in: {losses or 'none'}")
-lstm_vs_rest = speedups[("LSTM", "forward")] < min(
-    speedups[(n, "forward")] for n in results if n != "LSTM"
+verdicts = {
+    key: verdict(results[key[0]][key[1]]["Ensemble"], results[key[0]][key[1]]["loop"])
+    for key in ratios
+}
+for word, subject in [
+    ("faster", "the ensemble is faster"),
+    ("slower", "the ensemble is slower"),
+    ("too close to call", "the two are too close to call"),
+]:
+    cases = [f"{n} {w}" for (n, w), text in verdicts.items() if word in text]
+    print_measured(f"{subject} in {len(cases)} of {len(ratios)} measurements: {cases}")
+forward = {n: ratios[n, "forward"] for n in names}
+least = min(forward, key=lambda n: forward[n].value)
+clear = all(forward[least].high < forward[n].low for n in names if n != least)
+print_measured(
+    f"the forward pass gains least for the {least} ({forward[least].value:.2f}x), "
+    + ("clear of the others' spread" if clear else "but within the others' spread")
 )
-print_measured(f"the LSTM gains the least in the forward pass: {lstm_vs_rest}")
 
 # %%
 # Why the results differ. Vectorizing removes per-member *overhead*: Python,
 # dispatch, kernel launches, and one optimizer update per member in the
 # training step. It does not remove arithmetic. When each member's layers
 # already keep the device busy (a CPU with a few cores and a batch of 32), the
-# loop is hard to beat. Fused inference kernels, like the transformer's
-# eval-mode fast path and the LSTM's single-kernel recurrence, make the loop
-# faster still. The training step has more overhead to remove: the backward
+# loop can be hard to beat. Fused inference kernels, like the transformer's
+# eval-mode fast path and the LSTM's single-kernel recurrence, can make the
+# loop faster still. The training step has more overhead to remove: the backward
 # pass and the optimizer. Where launches are expensive and members are many
-# (a GPU, dozens of members), the ensemble gains the most.
+# (a GPU, dozens of members), the ensemble can be expected to gain the most:
+# that follows from the same reasoning, but is not measured on this page
+# unless a GPU ran it.
 #
 # The LSTM is a special case. In the loop, each member runs the whole
 # sequence in one fused kernel (cuDNN on NVIDIA GPUs, oneDNN on most CPUs).
 # The ensemble takes one time step at a time, ``24 x 2`` steps of about ten
-# batched operations each. To cut that per-step overhead, try
-# ``torch.compile(ens)`` with its default backend and time it as above;
-# ``python -m ensembling.bench --sections zoo`` measures more architectures.
+# batched operations each. To cut that per-step overhead, you can try
+# ``torch.compile(ens)`` with its default backend and time it as above (advice,
+# not measured on this page; the compile check above used the ``"eager"``
+# backend); ``python -m ensembling.bench --sections zoo`` measures more
+# architectures.
 #
 # Summary
 # -------
@@ -316,7 +343,9 @@ print_measured(f"the LSTM gains the least in the forward pass: {lstm_vs_rest}")
 # * ``Ensemble`` runs them with vectorized stand-ins, with the loop's outputs,
 #   running statistics and gradients, as the checks above assert; the members
 #   you get back with ``ens[i]`` or ``unstack()`` are the ordinary modules.
-# * The whole ensemble compiles as one graph with ``torch.compile``.
+# * ``torch.compile(..., fullgraph=True)`` captured each ensemble's eval-mode
+#   forward as one graph (checked with the ``"eager"`` backend; inductor,
+#   training mode and gradients are not checked on this page).
 # * Whether vectorizing pays depends on the architecture and the device:
 #   measure it, as this page did.
 #
