@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -180,7 +181,9 @@ def _replay_vmapped(stacked: State, plan: Plan) -> None:
             step.apply(view)
             return torch.zeros(())
 
-        torch.vmap(write, randomness="different")(_view(stacked[name], step))
+        with warnings.catch_warnings():  # vmap's "no batching rule for aten::clamp_" (trunc_normal_) is only slower
+            warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented")
+            torch.vmap(write, randomness="different")(_view(stacked[name], step))
 
 
 def _finish(prototype: nn.Module, stacked: State) -> tuple[State, State]:

@@ -50,12 +50,14 @@ _INPLACE_DUNDERS = frozenset(
 )
 # In-place Tensor methods that change metadata or storage rather than values: never replayed.
 _NOT_REPLAYED = frozenset("set_ resize_ resize_as_ as_strided_ copy_ share_memory_ detach_ t_ transpose_".split())
-# torch.nn.init functions whose replay under vmap (randomness="different") is that function per member.
-_INIT_REPLAYED = frozenset(
-    getattr(nn.init, name)
+# torch.nn.init functions whose replay under vmap (randomness="different") is that function per member, by
+# name: the originals, replayed also where a library's guard (transformers.initialization) stands in for them.
+_INIT_REPLAYED = {
+    name: getattr(nn.init, name)
     for name in "uniform_ normal_ trunc_normal_ constant_ ones_ zeros_ xavier_uniform_ xavier_normal_ "
     "kaiming_uniform_ kaiming_normal_".split()
-)
+}
+_INIT_MODULES = frozenset({"torch.nn.init", "transformers.initialization"})
 # Creation ops with no tensor input, as the in-place op that gives the same law on a fresh tensor.
 _CREATION: dict[str, Callable[[tuple, dict], tuple[Callable, tuple]] | None] = {
     "empty": None, "empty_like": None, "new_empty": None,
@@ -138,11 +140,12 @@ def _target(args: tuple, kwargs: dict) -> tuple[Tensor | None, tuple, dict]:
     return None, tuple(args), dict(kwargs)
 
 
-def _replayable(func: Callable, name: str) -> bool:
-    if func in _INIT_REPLAYED:
-        return True
+def _replayed(func: Callable, name: str) -> Callable | None:
+    """The function that replays ``func``'s in-place write on a member's view, or None if it cannot."""
+    if name in _INIT_REPLAYED and getattr(func, "__module__", None) in _INIT_MODULES:
+        return _INIT_REPLAYED[name]
     inplace = (name.endswith("_") and not name.startswith("_")) or name in _INPLACE_DUNDERS
-    return inplace and name not in _NOT_REPLAYED and getattr(Tensor, name, None) is func
+    return func if inplace and name not in _NOT_REPLAYED and getattr(Tensor, name, None) is func else None
 
 
 class Recorder(TorchFunctionMode):
@@ -202,12 +205,12 @@ class Recorder(TorchFunctionMode):
         target, rest, options = _target(args, kwargs)
         if (
             target is not None and len(tensors) == 1 and len(written) == 1 and written[0] is target
-            and not created and not generator and _replayable(func, name)
+            and not created and not generator and _replayed(func, name) is not None
         ):  # fmt: skip
             lineage = self._lineage(target)
             lineage.random = lineage.random or drew
             if lineage.steps is not None:
-                lineage.steps.append(self._step(func, rest, target, options))
+                lineage.steps.append(self._step(_replayed(func, name), rest, target, options))
             return
         for t in written:
             lineage = self._lineage(t)
