@@ -270,4 +270,4 @@ def per_member_keyword_call(ens: nn.Module, args: tuple[Any, ...], **per_member:
     here only, so the core's final spelling changes one line.
     """
     dims = {name: 0 for name in per_member}
-    return ens(*args, in_dims=(*[None] * len(args), dims), **per_member)
+    return ens(*args, in_dims=dims, **per_member)  # a dict: the named keywords split, the rest shared
