@@ -91,9 +91,7 @@ class Timing:
     def from_samples(cls, label: str, samples: Sequence[float]) -> Timing:
         """A Timing from per-round seconds per call (at least one)."""
         if not samples:
-            raise ValueError(
-                f"Timing.from_samples: {label!r} has no samples; time at least one round"
-            )
+            raise ValueError(f"Timing.from_samples: {label!r} has no samples; time at least one round")
         iqr = _quantile(samples, 0.75) - _quantile(samples, 0.25)
         return cls(label, statistics.median(samples), iqr, len(samples), tuple(samples))
 
@@ -163,6 +161,12 @@ class Ratio:
         True when the two were timed in the same rounds (:func:`compare`) and
         the speedup was computed round by round; False when it comes from the
         two timings' own spreads (a wider, conservative range).
+
+    Examples
+    --------
+    >>> r = Ratio(value=2.5, low=2.2, high=2.9, rounds=10, paired=True)
+    >>> format_ratio(r.value), r.low > 1  # faster even in the slowest tenth of the rounds
+    ('2.5x', True)
     """
 
     value: float
@@ -180,6 +184,15 @@ def speedup(x: Timing, y: Timing) -> Ratio:
     slowed one round of both cancels out. Otherwise the range is the
     conservative ``y.low / x.high`` to ``y.high / x.low``.
 
+    Parameters
+    ----------
+    x, y : Timing
+        The two timings, ideally from one :func:`compare` call.
+
+    Returns
+    -------
+    Ratio
+
     Examples
     --------
     >>> fast = Timing.from_samples("vmap", [1.0, 1.0, 2.0])  # a busy third round
@@ -196,9 +209,7 @@ def speedup(x: Timing, y: Timing) -> Ratio:
             len(ratios),
             True,
         )
-    return Ratio(
-        y.median / x.median, y.low / x.high, y.high / x.low, min(x.runs, y.runs), False
-    )
+    return Ratio(y.median / x.median, y.low / x.high, y.high / x.low, min(x.runs, y.runs), False)
 
 
 def verdict(
@@ -248,12 +259,15 @@ def verdict(
     y_name = y.label if y_name is None else y_name
     r = speedup(x, y)
     over = f"over {r.rounds} round{'s' if r.rounds != 1 else ''}"
+
+    def span(low: float, high: float) -> str:
+        return f"{format_ratio(low)} to {format_ratio(high)} {over}"
+
     if r.low > margin:
-        return f"{x_name} is {format_ratio(r.value)} faster than {y_name} ({format_ratio(r.low)} to {format_ratio(r.high)} {over})"
-    if r.high < 1 / margin:
-        slower, least, most = 1 / r.value, 1 / r.high, 1 / r.low
-        return f"{x_name} is {format_ratio(slower)} slower than {y_name} ({format_ratio(least)} to {format_ratio(most)} {over})"
-    return f"{x_name} vs {y_name}: too close to call (speedup {format_ratio(r.low)} to {format_ratio(r.high)} {over})"
+        return f"{x_name} is {format_ratio(r.value)} faster than {y_name} ({span(r.low, r.high)})"
+    if r.high < 1 / margin:  # in x's time / y's time: the inverse ratios, in the same order
+        return f"{x_name} is {format_ratio(1 / r.value)} slower than {y_name} ({span(1 / r.high, 1 / r.low)})"
+    return f"{x_name} vs {y_name}: too close to call (speedup {span(r.low, r.high)})"
 
 
 def _synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
@@ -330,13 +344,9 @@ def compare(
         call = _synchronized(fn, device)
         for _ in range(warmup):
             call()
-        timers[label] = benchmark.Timer(
-            stmt="call()", globals={"call": call}, label=label
-        )
+        timers[label] = benchmark.Timer(stmt="call()", globals={"call": call}, label=label)
     per_round = max(min_run_time / rounds, 0.01)
-    number = {
-        label: _calls_per_round(timer, per_round) for label, timer in timers.items()
-    }
+    number = {label: _calls_per_round(timer, per_round) for label, timer in timers.items()}
     samples: dict[str, list[float]] = {label: [] for label in timers}
     labels = list(timers)
     for r in range(rounds):
@@ -359,6 +369,21 @@ def measure(
     To compare implementations, time them together with :func:`compare`
     instead: alternating rounds keep a burst of background load from
     favouring one of them.
+
+    Parameters
+    ----------
+    fn : callable
+        A function of no arguments.
+    device : torch.device or str, default "cpu"
+        The device ``fn`` runs on.
+    label : str, default ""
+        A name for the result.
+    min_run_time, rounds, warmup
+        As for :func:`compare`.
+
+    Returns
+    -------
+    Timing
 
     Examples
     --------
@@ -395,7 +420,5 @@ def print_measured(*lines: str) -> None:
     """
     for line in lines:
         if "\n" in line:
-            raise ValueError(
-                "print_measured: pass one line per argument, without newlines"
-            )
+            raise ValueError("print_measured: pass one line per argument, without newlines")
         print(MEASURED_PREFIX + line)
