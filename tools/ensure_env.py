@@ -2,7 +2,7 @@
 
 * A torch that is already installed (a CUDA build on a GPU box, say) is kept:
   the ``torch==`` line of requirements.txt is only used when ``import torch``
-  fails.
+  fails, and so is the ``torchvision==`` line (that wheel pins its torch).
 * Everything else in requirements.txt, and the ``ensembling`` package itself
   (editable), is installed with pip.
 * A stamp file records the digest of requirements.txt and pyproject.toml for
@@ -37,7 +37,9 @@ def requirement_lines(keep_torch: bool) -> list[str]:
         if not line:
             continue
         name = line.split("=")[0].split("<")[0].split(">")[0].split("[")[0].strip().lower()
-        if name == "torch" and not keep_torch:
+        # torchvision's wheel pins the torch it was built for: installing it beside
+        # a torch that is kept would replace that torch. The zoo tests skip without it.
+        if name in ("torch", "torchvision") and not keep_torch:
             continue
         lines.append(line)
     return lines
