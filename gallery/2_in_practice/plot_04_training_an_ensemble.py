@@ -153,11 +153,11 @@ print_measured(f"majority vote tied between labels on {ties} of {len(y_test)} te
 fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
 ax.bar(range(num_members), (100 * member_acc).tolist(), color="lightgray", label="members")
 for value, style, color, label in [
-    (member_acc.mean().item(), ":", "black", "average member"),
-    (vote_acc, "--", "tab:orange", "majority vote"),
     (ensemble_acc, "-", "tab:blue", "averaged probabilities"),
-]:  # distinct colours and dashes, drawn thinner than the one below, so equal lines both show
-    width = 3 if style == "-" else 1.5
+    (vote_acc, "--", "tab:orange", "majority vote"),
+    (member_acc.mean().item(), ":", "black", "average member"),
+]:  # a thick solid line first, thinner dashed ones over it: equal values stay visible
+    width = 4 if style == "-" else 1.5
     ax.axhline(
         100 * value,
         linestyle=style,
