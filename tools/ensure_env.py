@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,19 @@ def pip(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def repair_torchvision() -> None:
+    """Install tools/torchvision_shim.py when a CUDA torchvision cannot import beside this CPU torch."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torchvision"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode == 0 or "torchvision::nms does not exist" not in probe.stderr:
+        return
+    site = Path(sysconfig.get_paths()["purelib"])
+    shutil.copyfile(ROOT / "tools" / "torchvision_shim.py", site / "_ensembling_torchvision_shim.py")
+    (site / "_ensembling_torchvision_shim.pth").write_text("import _ensembling_torchvision_shim; _ensembling_torchvision_shim.install()\n")
+    print("installed tools/torchvision_shim.py: the CUDA torchvision wheel now imports beside the CPU torch")
+
+
 def main() -> int:
     stamp = STAMP_DIR / f"deps-{digest()}"
     if stamp.exists() and importlib.util.find_spec("ensembling") is not None:
@@ -67,6 +82,7 @@ def main() -> int:
     finally:
         Path(handle.name).unlink()
     pip("--no-deps", "-e", str(ROOT))
+    repair_torchvision()
     STAMP_DIR.mkdir(exist_ok=True)
     for old in STAMP_DIR.glob("deps-*"):
         old.unlink()
