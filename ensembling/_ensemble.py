@@ -20,6 +20,7 @@ The data flow, and where each part lives::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,8 +31,9 @@ from ._errors import EnsembleError
 from ._fastpath import FastPath
 from ._init import draw_members, draw_seeded_members, make_prototype
 from ._layers import describe_stand_ins, make_runner
-from ._options import Options, Randomness
+from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
+from ._strategy import describe_plan, plan_summary, run_strategy
 from ._validate import check_members
 from ._vmap import InDims, VmapRunner
 
@@ -85,6 +87,12 @@ class Ensemble(nn.Module):
         (:func:`torch.baddbmm`) instead of ``vmap``: the same results, with the
         per-layer overhead of ``vmap`` removed. Other architectures use
         ``vmap``; ``print(ens)`` shows which path (``path=baddbmm`` or ``vmap``).
+    strategy : {"auto", "vectorized", "loop"}, default "auto"
+        How members off the fast path run: ``"vectorized"``, one ``vmap`` call;
+        ``"loop"``, one after another through torch's own (fused) kernels,
+        reading views of the stacked tensors; ``"auto"``, whichever the first
+        calls of each input signature measure faster on this device (see
+        :meth:`plan`). All give the loop's answer.
     seed : int, optional
         Initialize member ``i`` from its own seed derived from ``(seed, i)``,
         one member after another, instead of drawing all members in one
@@ -136,8 +144,9 @@ class Ensemble(nn.Module):
         fast_path: bool = True,
         seed: int | None = None,
         members: range | None = None,
+        strategy: Strategy = "auto",
     ) -> None:
-        options = Options(randomness, chunk_size, fast_path)
+        options = Options(randomness, chunk_size, fast_path, strategy)
         prototype = make_prototype(factory, num_members, device, dtype, seed)
         if members is not None:
             _check_block(members, num_members, seed)
@@ -156,6 +165,7 @@ class Ensemble(nn.Module):
         randomness: Randomness = "different",
         chunk_size: int | None = None,
         fast_path: bool = True,
+        strategy: Strategy = "auto",
     ) -> Ensemble:
         """Stack existing modules of one architecture into a new ensemble.
 
@@ -170,7 +180,7 @@ class Ensemble(nn.Module):
             module; all of the same class, in the same train/eval
             mode, with the same parameter and buffer names, shapes, dtypes,
             devices and ``requires_grad`` flags.
-        randomness, chunk_size, fast_path
+        randomness, chunk_size, fast_path, strategy
             As for :class:`Ensemble`.
 
         Returns
@@ -194,7 +204,7 @@ class Ensemble(nn.Module):
         ...
         ensembling.EnsembleError: Ensemble.from_modules: parameter 'weight' of member 1 has shape [5, 3], but member 0's has [2, 3] ...
         """
-        options = Options(randomness, chunk_size, fast_path)
+        options = Options(randomness, chunk_size, fast_path, strategy)
         modules = check_members(modules, "Ensemble.from_modules")
         first = modules[0]
         with torch.no_grad():
@@ -292,7 +302,7 @@ class Ensemble(nn.Module):
 
     @randomness.setter
     def randomness(self, value: Randomness) -> None:
-        self._options = Options(value, self._options.chunk_size, self._options.fast_path)
+        self._options = dataclasses.replace(self._options, randomness=value)
 
     @property
     def chunk_size(self) -> int | None:
@@ -301,7 +311,7 @@ class Ensemble(nn.Module):
 
     @chunk_size.setter
     def chunk_size(self, value: int | None) -> None:
-        self._options = Options(self._options.randomness, value, self._options.fast_path)
+        self._options = dataclasses.replace(self._options, chunk_size=value)
 
     @property
     def fast_path(self) -> bool:
@@ -310,7 +320,44 @@ class Ensemble(nn.Module):
 
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
-        self._options = Options(self._options.randomness, self._options.chunk_size, value)
+        self._options = dataclasses.replace(self._options, fast_path=value)
+
+    @property
+    def strategy(self) -> Strategy:
+        """``"auto"``, ``"vectorized"`` or ``"loop"``: how members off the fast path run (see :meth:`plan`)."""
+        return self._options.strategy
+
+    @strategy.setter
+    def strategy(self, value: Strategy) -> None:
+        self._options = dataclasses.replace(self._options, strategy=value)
+
+    def plan(self) -> str:
+        """What runs the members: the fast path, the forced strategy, or the measured choice per input signature.
+
+        Returns
+        -------
+        str
+            One line for the ensemble, then one per path or input signature
+            (shapes, dtypes, device, train/eval, grad mode) with the strategy
+            chosen for it and the per-call times it was chosen from.
+
+        Examples
+        --------
+        >>> ens = Ensemble(lambda: nn.GRU(3, 4, batch_first=True), 2, strategy="loop")
+        >>> out, h = ens(torch.randn(5, 6, 3))  # [2, 5, 6, 4]: the members one by one, torch's fused GRU
+        >>> print(ens.plan())
+        Ensemble of 2 GRU, strategy='loop'
+          other calls: loop (forced)
+        >>> ens.strategy = "auto"
+        >>> with torch.no_grad():
+        ...     for _ in range(10):  # the first calls alternate strategies and time them
+        ...         _ = ens(torch.randn(5, 6, 3))
+        >>> print(ens.plan())  # doctest: +ELLIPSIS
+        Ensemble of 2 GRU, strategy='auto'
+          ([5, 6, 3] float32 cpu (shared)), train, no grad -> ... (measured: vectorized ... ms, loop ... ms)
+        """
+        return describe_plan(self)
+
 
     # ------------------------------------------------------------------ module protocol
 
@@ -332,9 +379,12 @@ class Ensemble(nn.Module):
             extras += f", randomness={self.randomness!r}"
         if self.chunk_size is not None:
             extras += f", chunk_size={self.chunk_size}"
-        if self.fast_path and self._fast is not None:
+        if self.strategy != "auto":
+            extras += f", strategy={self.strategy!r}"
+        if self.fast_path and self._fast is not None and self.strategy != "loop":
             return f"{extras}, path=baddbmm"
         stand_ins = describe_stand_ins(self._runner, self._state.device())
+        extras += plan_summary(self)  # ", plan: loop for 1 input signature", once measured
         return f"{extras}, path=vmap" + (f", stand-ins: {'; '.join(stand_ins)}" if stand_ins else "")
 
     def named_stacked_parameters(self) -> dict[str, nn.Parameter]:
@@ -454,7 +504,7 @@ class Ensemble(nn.Module):
         """
         options = self._options.override(randomness, chunk_size)
         dims, kw_dims = self._vmap.check(args, kwargs, in_dims, self.num_members)
-        if self._fast is not None and options.fast_path and options.chunk_size is None:
+        if self._fast is not None and options.fast_path and options.chunk_size is None and options.strategy != "loop":
             if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and dims[0] in (None, 0):
                 transposed = (
                     self._fast.weights_are_large
@@ -463,9 +513,13 @@ class Ensemble(nn.Module):
                 )
                 shared = dims[0] is None
                 return self._fast.run(args[0], shared, self.num_members, self.training, options.randomness, transposed)
-        params, buffers = self._state.params(), self._state.buffers()
-        device = self._state.device()
-        return self._vmap(params, buffers, args, kwargs, dims, options.randomness, options.chunk_size, device, kw_dims)
+
+        def vectorized() -> Any:
+            params, buffers = self._state.params(), self._state.buffers()
+            device = self._state.device()
+            return self._vmap(params, buffers, args, kwargs, dims, options.randomness, options.chunk_size, device, kw_dims)
+
+        return run_strategy(self, vectorized, args, kwargs, dims, kw_dims, options)  # vectorized or loop: _strategy.py
 
 
 def _check_block(members: range, num_members: int, seed: int | None) -> None:
