@@ -140,7 +140,7 @@ def format_ratio(ratio: float) -> str:
     if ratio >= 10:
         return f"{ratio:.0f}x"
     decimals = 1 if ratio >= 1 else 2
-    while ratio != 1 and float(f"{ratio:.{decimals}f}") == 1 and decimals < 3:
+    while ratio != 1 and float(f"{ratio:.{decimals}f}") == 1 and decimals < 4:
         decimals += 1  # 1.04 must not read as 1.0, nor 0.996 as 1.00
     return f"{ratio:.{decimals}f}x"
 
@@ -222,11 +222,14 @@ def verdict(
 ) -> str:
     """A sentence comparing ``x`` with ``y``, computed from the two timings and their spread.
 
-    ``x`` is called faster only when even the low end of its speedup (see
-    :func:`speedup`) exceeds ``margin``, slower only when even the high end is
-    below ``1 / margin``; otherwise the two are "too close to call" and the
-    sentence gives the range. The thresholds apply to the unrounded values,
-    and the printed numbers always agree with the words.
+    ``x`` is called faster only when its whole speedup range (see
+    :func:`speedup`: the 10th to the 90th percentile over the rounds) lies
+    above 1 *and* its median exceeds ``margin``; slower only when the range
+    lies below 1 and the median is below ``1 / margin``. Otherwise the two are
+    "too close to call": the range straddles 1, or the median differs from 1
+    by less than the margin; the sentence then gives the median and the range.
+    The thresholds apply to the unrounded values, and the printed numbers
+    always agree with the words.
 
     Parameters
     ----------
@@ -242,7 +245,7 @@ def verdict(
     str
         ``"<x> is 2.6x faster than <y> (2.4x to 2.8x over 10 rounds)"``,
         ``"<x> is 1.5x slower than <y> (...)"`` or
-        ``"<x> vs <y>: too close to call (speedup 0.92x to 1.1x over 10 rounds)"``.
+        ``"<x> vs <y>: too close to call (speedup 0.97x, 0.92x to 1.1x over 10 rounds)"``.
 
     Examples
     --------
@@ -253,7 +256,7 @@ def verdict(
     >>> verdict(loop, vmap, x_name="the loop")
     'the loop is 2.6x slower than vmap (2.6x to 2.7x over 4 rounds)'
     >>> verdict(Timing.from_samples("a", [1.0, 1.1]), Timing.from_samples("b", [1.1, 1.0]))
-    'a vs b: too close to call (speedup 0.93x to 1.1x over 2 rounds)'
+    'a vs b: too close to call (speedup 1.005x, 0.93x to 1.1x over 2 rounds)'
     """
     x_name = x.label if x_name is None else x_name
     y_name = y.label if y_name is None else y_name
@@ -263,11 +266,11 @@ def verdict(
     def span(low: float, high: float) -> str:
         return f"{format_ratio(low)} to {format_ratio(high)} {over}"
 
-    if r.low > margin:
+    if r.low > 1 and r.value > margin:
         return f"{x_name} is {format_ratio(r.value)} faster than {y_name} ({span(r.low, r.high)})"
-    if r.high < 1 / margin:  # in x's time / y's time: the inverse ratios, in the same order
+    if r.high < 1 and r.value < 1 / margin:  # in x's time / y's time: inverse ratios, same order
         return f"{x_name} is {format_ratio(1 / r.value)} slower than {y_name} ({span(1 / r.high, 1 / r.low)})"
-    return f"{x_name} vs {y_name}: too close to call (speedup {span(r.low, r.high)})"
+    return f"{x_name} vs {y_name}: too close to call (speedup {format_ratio(r.value)}, {span(r.low, r.high)})"
 
 
 def _synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
