@@ -25,9 +25,13 @@ import pytest
 from ensembling.tutorial import MEASURED_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEED_PAGES = [
-    page for prefix in ("plot_01_", "plot_07_", "plot_08_", "plot_10_") for page in ROOT.glob(f"gallery/*/{prefix}*.py")
-]
+# The pages whose point is a speed comparison, and every later page that prints a verdict.
+SPEED_PAGES = sorted(
+    page
+    for page in ROOT.glob("gallery/*/plot_*.py")
+    if page.stem[:8] in ("plot_01_", "plot_07_", "plot_08_")
+    or (int(page.stem[5:7]) >= 10 and "verdict(" in page.read_text(encoding="utf-8"))
+)
 BUSY = 2  # spinning processes: as many as CI's cores
 
 _NUMBER = r"(\d+(?:\.\d+)?)x"
