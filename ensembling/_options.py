@@ -14,10 +14,12 @@ from typing import Literal
 
 from ._errors import EnsembleError
 
-__all__ = ["RANDOMNESS", "Options", "Randomness"]
+__all__ = ["RANDOMNESS", "STRATEGIES", "Options", "Randomness", "Strategy"]
 
 Randomness = Literal["different", "same", "error"]
 RANDOMNESS: tuple[str, ...] = ("different", "same", "error")
+Strategy = Literal["auto", "vectorized", "loop"]
+STRATEGIES: tuple[str, ...] = ("auto", "vectorized", "loop")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class Options:
     fast_path : bool
         Whether a chain of Linear / Dropout / element-wise layers runs as
         batched matrix products instead of under ``vmap``.
+    strategy : {"auto", "vectorized", "loop"}
+        How other members run: one ``vmap`` call, back to back through
+        torch's own kernels, or whichever measured faster per input signature.
 
     Examples
     --------
@@ -48,6 +53,7 @@ class Options:
     randomness: Randomness = "different"
     chunk_size: int | None = None
     fast_path: bool = True
+    strategy: Strategy = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.randomness, str) or self.randomness not in RANDOMNESS:
@@ -61,6 +67,9 @@ class Options:
             )
         if not isinstance(self.fast_path, bool):
             raise EnsembleError(f"Ensemble: fast_path must be True or False; got {self.fast_path!r}.")
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            accepted = ", ".join(repr(s) for s in STRATEGIES)
+            raise EnsembleError(f"Ensemble: strategy must be one of {accepted}; got {self.strategy!r}.")
 
     def override(self, randomness: Randomness | None = None, chunk_size: int | None = None) -> Options:
         """These options with a call's overrides (``None`` keeps the ensemble's value), validated."""

@@ -13,10 +13,12 @@ with ratios:
 * a **training step** (forward, backward, Adam) for the same configurations:
   a loop of separate models and optimizers versus one ``Ensemble`` and one
   optimizer;
-* **real architectures** (section ``zoo``): a custom MLP class, a BatchNorm
-  CNN, a transformer classifier, multi-head attention, an LSTM forecaster, a
-  bidirectional GRU and an embedding model, 16 members each: a loop of modules
-  versus one ``Ensemble``, inference and a training step, with the ratios;
+* **real architectures** (section ``zoo``, :mod:`ensembling._bench_zoo`): a
+  custom MLP class, a BatchNorm CNN, a transformer classifier, multi-head
+  attention, an LSTM forecaster, a bidirectional GRU and an embedding model,
+  at 4, 16 and 64 members (4 and 16 with ``--quick``): a loop of modules
+  versus one ``Ensemble``, inference and a training step, with the ratios and
+  the plan ``Ensemble`` chose (``ens.plan()``);
 * **initialization** of 1,000 members of the 784-128-128-10 MLP: building the
   modules and stacking them versus ``Ensemble(factory, 1000)``, time and peak
   memory (each measured in a fresh subprocess);
@@ -51,10 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .tutorial.timing import Timing, format_seconds, measure
+from ._bench_zoo import MEMBER_COUNTS, zoo
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
 from ._loss import ensemble_loss
+from .tutorial.timing import Timing, format_seconds, measure
 
 CONFIGS = [(10, 64, 784, 128), (100, 64, 784, 128), (100, 8, 32, 32), (1000, 8, 16, 16)]
 CLASSES = 10
@@ -239,82 +242,6 @@ def training(device: torch.device, min_run_time: float) -> str:
     )
 
 
-def _bench_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
-    )  # fmt: skip
-
-
-def zoo_configs() -> dict[str, tuple[Callable[[], nn.Module], Callable[..., tuple[torch.Tensor, ...]]]]:
-    """The zoo section's architectures at benchmark sizes, each with its input maker (see ``_zoo``)."""
-    from . import _zoo
-
-    return {
-        "custom MLP 32-64-64-10": (lambda: CustomMLP(mlp(32, 64)), _zoo.normal_inputs(32)),
-        "BatchNorm CNN 16x16": (_bench_cnn, _zoo.normal_inputs(1, 16, 16)),
-        "transformer classifier": (lambda: _zoo.TransformerClassifier(vocab=100, dim=32, heads=4, layers=2, seq=16, classes=5), _zoo.token_inputs(16, 100)),
-        "multihead attention": (lambda: nn.MultiheadAttention(32, 4, batch_first=True), lambda lead, batch, gen: (torch.randn(*lead, batch, 16, 32, generator=gen),) * 3),
-        "LSTM forecaster": (lambda: _zoo.LSTMForecaster(features=1, hidden=32, layers=2), _zoo.sequence_inputs(24, 1)),
-        "GRU bidirectional": (lambda: nn.GRU(8, 32, batch_first=True, bidirectional=True), _zoo.sequence_inputs(24, 8)),
-        "embedding bag-of-words": (lambda: _zoo.EmbeddingBagOfWords(vocab=1000, dim=32, classes=5), _zoo.token_inputs(16, 1000)),
-    }
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def zoo(device: torch.device, min_run_time: float, members: int = 16, batch: int = 32) -> str:
-    """Loop versus Ensemble for real architectures: inference (eval, no grad) and a training step."""
-    header = ["architecture", "members", "loop fwd", "Ens fwd", "loop/Ens fwd", "loop step", "Ens step", "loop/Ens step", "path"]
-    rows = []
-    fused = {"fused": True} if device.type in ("cpu", "cuda", "mps") else {}
-    for name, (factory, make_inputs) in zoo_configs().items():
-        torch.manual_seed(0)
-        models = [factory().to(device) for _ in range(members)]
-        ens = Ensemble.from_modules(models)
-        gen = torch.Generator().manual_seed(0)
-        args = tuple(a.to(device) for a in make_inputs((), batch, gen))
-        tol = tolerances(torch.float32, device, op="conv" if "CNN" in name else "matmul")
-        for m in (*models, ens):
-            m.eval()
-        with torch.no_grad():
-            expected = torch.stack([_first(m(*args)) for m in models])
-            torch.testing.assert_close(_first(ens(*args)), expected, **tol, msg=lambda m, n=name: f"{n}: {m}")
-            t_loop = measure(lambda: [m(*args) for m in models], device=device, min_run_time=min_run_time)
-            t_ens = measure(lambda: ens(*args), device=device, min_run_time=min_run_time)
-        for m in (*models, ens):
-            m.train()
-        optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, **fused) for m in models]
-        ens_opt = torch.optim.Adam(ens.parameters(), lr=1e-3, **fused)
-
-        def loop_step() -> None:
-            for model, opt in zip(models, optimizers):
-                opt.zero_grad(set_to_none=True)
-                _first(model(*args)).square().mean().backward()
-                opt.step()
-
-        def ensemble_step() -> None:
-            ens_opt.zero_grad(set_to_none=True)
-            out = _first(ens(*args))  # [members, ...]: each member's mean, summed
-            ensemble_loss(out.square()).backward()
-            ens_opt.step()
-
-        s_loop = measure(loop_step, device=device, min_run_time=min_run_time)
-        s_ens = measure(ensemble_step, device=device, min_run_time=min_run_time)
-        path = "baddbmm" if "path=baddbmm" in ens.extra_repr() else "vmap"
-        rows.append([name, str(members), format_seconds(t_loop.median), format_seconds(t_ens.median), _ratio(t_loop, t_ens),
-                     format_seconds(s_loop.median), format_seconds(s_ens.median), _ratio(s_loop, s_ens), path])  # fmt: skip
-        print(f"  zoo {name} done", file=sys.stderr, flush=True)
-    return _table(
-        f"Real architectures, batch {batch}: loop of {members} modules vs one Ensemble "
-        "(forward in eval mode without grad; training step = forward + backward + Adam)",
-        header, rows,
-    )
-
-
 def _rss_bytes(field: str) -> int:
     """VmRSS or VmHWM (peak) of this process, from /proc (Linux)."""
     with open("/proc/self/status") as status:
@@ -493,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if "training" in sections:
         print(training(device, min_run_time), flush=True)
     if "zoo" in sections:
-        print(zoo(device, min_run_time), flush=True)
+        print(zoo(device, min_run_time, (4, 16) if args.quick else MEMBER_COUNTS), flush=True)
     if "init" in sections:
         print(initialization(device), flush=True)
     if "distributed" in sections:

@@ -1,0 +1,342 @@
+"""How members that are not on the fast path run: vectorized, or back to back; chosen by measuring.
+
+Two strategies give the loop's answer:
+
+* ``"vectorized"``: one :func:`torch.vmap` over ``functional_call`` of the
+  runner, the architecture with vectorizable stand-ins (``_vmap.py``);
+* ``"loop"``: the members one after another through the *original*
+  architecture (a copy per member, :class:`Shells`), so each runs torch's
+  own fused kernels (oneDNN / cuDNN RNNs, native attention, MKLDNN
+  convolutions). Member ``i`` reads views ``stacked.unbind(0)[i]``: gradients
+  flow into the stacked parameters through one stack in backward, and
+  in-place buffer updates (BatchNorm running statistics) land in the stacked
+  buffers, exactly as in the loop.
+
+With ``strategy="auto"`` a :class:`Planner` measures both on the first calls of
+each input signature (shapes, dtypes, device, train/eval, grad mode, ...): the
+calls alternate strategies, each is timed on the device (a training call from
+its start to the start of the next call of the same signature, so the
+backward pass and the optimizer step count too), and the faster is kept for
+that signature. Every measured call is a real call with a real answer, so
+measuring changes no state the loop would not change. Under
+:func:`torch.compile` nothing is measured: the cached or forced choice runs,
+``"vectorized"`` by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._device import synchronize
+from ._errors import EnsembleError
+from ._state import owner
+
+__all__ = ["Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_strategy"]
+
+_WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
+_SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _slice(value: Any, dim: Any, index: int) -> Any:
+    """Member ``index``'s part of one input: ``value`` itself if shared, else each tensor's slice along ``dim``."""
+    if dim is None:
+        return value
+    return tree_map(lambda t: t.select(dim, index) if isinstance(t, Tensor) else t, value)
+
+
+def _stack(outputs: list[Any]) -> Any:
+    """The members' outputs as one: every tensor leaf stacked along a new leading member dimension."""
+    leaves, spec = tree_flatten(outputs[0])
+    columns = [tree_flatten(out)[0] for out in outputs]
+    stacked = [
+        torch.stack([column[k] for column in columns]) if isinstance(leaf, Tensor) else leaf
+        for k, leaf in enumerate(leaves)
+    ]
+    return tree_unflatten(stacked, spec)
+
+
+class Shells:
+    """One copy of the architecture per member (meta tensors, no memory) whose tensor slots take member views.
+
+    Pointing a copy's ``_parameters`` / ``_buffers`` entries at member ``i``'s
+    views is a dictionary assignment per tensor, where
+    :func:`torch.func.functional_call` re-registers every tensor on every call
+    (about a millisecond per member for a small transformer).
+    """
+
+    def __init__(self, template: nn.Module, aliases: dict[str, list[str]], buffers: list[str], n: int) -> None:
+        self.template = template
+        self.modules = [copy.deepcopy(template) for _ in range(n)]
+        where = [{name: [owner(m, a) for a in names] for name, names in aliases.items()} for m in self.modules]
+        self.params = where
+        self.buffers = [{name: owner(m, name) for name in buffers} for m in self.modules]
+        self.rnns = [[r for r in m.modules() if isinstance(r, nn.RNNBase)] for m in self.modules]
+
+    def run(self, i: int, params: dict[str, Tensor], buffers: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+        """Member ``i``'s forward on its views ``params`` / ``buffers``; the copy holds its meta tensors again after."""
+        module = self.modules[i]
+        if module.training != self.template.training:
+            module.train(self.template.training)
+        saved = []
+        try:
+            for name, view in params.items():
+                for container, attr in self.params[i][name]:
+                    saved.append((container._parameters, attr, container._parameters[attr]))
+                    container._parameters[attr] = view  # type: ignore[assignment]
+            for name, view in buffers.items():
+                container, attr = self.buffers[i][name]
+                saved.append((container._buffers, attr, container._buffers[attr]))
+                container._buffers[attr] = view
+            for rnn in self.rnns[i]:  # what RNNBase.__setattr__ would keep up to date
+                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+            return module(*args, **kwargs)
+        finally:
+            for table, attr, value in reversed(saved):
+                table[attr] = value
+            for rnn in self.rnns[i]:
+                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+
+
+def loop_forward(
+    shells: Shells,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dims: tuple[Any, ...],
+    kw_dims: dict[str, Any],
+) -> Any:
+    """Run the members one after another through the architecture's own forward; stack their outputs.
+
+    ``params`` / ``buffers`` map the member's names to stacked ``[members, ...]`` tensors;
+    ``dims`` / ``kw_dims`` say which inputs are split (an int: the member's slice along that dimension).
+    """
+    member_params = {name: t.unbind(0) for name, t in params.items()}  # one UnbindBackward: one stack in backward
+    member_buffers = {name: t.unbind(0) for name, t in buffers.items()}  # views: in-place updates reach the stack
+    outputs = []
+    for i in range(len(shells.modules)):
+        member_args = tuple(_slice(a, d, i) for a, d in zip(args, dims))
+        member_kwargs = {k: _slice(v, kw_dims.get(k), i) for k, v in kwargs.items()}
+        views = ({k: v[i] for k, v in member_params.items()}, {k: v[i] for k, v in member_buffers.items()})
+        outputs.append(shells.run(i, *views, member_args, member_kwargs))
+    return _stack(outputs)
+
+
+def _loopable(args: tuple[Any, ...], kwargs: dict[str, Any], dims: tuple[Any, ...], kw_dims: dict[str, Any]) -> bool:
+    """Whether the loop can split these inputs: plain containers of tensors and scalars, int or None dims."""
+    leaves = tree_flatten((args, kwargs))[0]
+    if any(isinstance(leaf, PackedSequence) or not isinstance(leaf, (Tensor, *_SCALARS)) for leaf in leaves):
+        return False
+    return all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in (*dims, *kw_dims.values()))
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return (tuple(value.shape), value.dtype, value.device)
+    return value if isinstance(value, _SCALARS) else type(value).__qualname__
+
+
+def signature(args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any, kw_dims: Any, extra: tuple[Any, ...]) -> Any:
+    """What a plan depends on: every input's shape, dtype and device (or value), the split dims and ``extra``."""
+    leaves, spec = tree_flatten((args, kwargs))
+    key = (str(spec), tuple(_describe(leaf) for leaf in leaves), repr(dims), repr(sorted(kw_dims.items())), extra)
+    return key
+
+
+@dataclass
+class Plan:
+    """One input signature's choice, and the measurements it was made from (seconds per call)."""
+
+    description: str
+    choice: str | None = None  # None while measuring
+    times: dict[str, list[float]] = field(default_factory=lambda: {"vectorized": [], "loop": []})
+    calls: int = 0
+    pending: tuple[str, float] | None = None  # a training call's strategy and start, timed until the next call
+
+    def summary(self) -> str:
+        def best(ts: list[float]) -> str:  # the fastest timed call, after the warm-up ones
+            return f"{min(ts[_WARMUP:] or ts) * 1e3:.3g} ms"
+
+        measured = ", ".join(f"{name} {best(ts)}" for name, ts in self.times.items() if ts)
+        return f"{self.description} -> {self.choice or 'measuring'}" + (f" (measured: {measured})" if measured else "")
+
+
+class Planner:
+    """Per input signature, which strategy runs the members; measured once when ``strategy="auto"``."""
+
+    def __init__(self) -> None:
+        self.plans: dict[Any, Plan] = {}
+
+    def choose(self, key: Any, describe: Callable[[], str], loopable: bool) -> tuple[str, Plan | None]:
+        """The strategy for this call of signature ``key``, and its plan if the call is to be timed."""
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = Plan(describe(), choice=None if loopable else "vectorized")
+        if plan.pending is not None:  # the previous training call of this signature ends here
+            name, start = plan.pending
+            plan.times[name].append(time.perf_counter() - start)
+            plan.pending = None
+            _decide(plan)
+        if plan.choice is not None:
+            return plan.choice, None
+        plan.calls += 1
+        return ("vectorized" if plan.calls % 2 else "loop"), plan
+
+    def forget_pending(self) -> None:
+        """Another signature ran in between: the open interval would time both, so it is dropped."""
+        for plan in self.plans.values():
+            plan.pending = None
+
+    def describe(self) -> list[str]:
+        return [plan.summary() for plan in self.plans.values()]
+
+
+def _decide(plan: Plan) -> None:
+    vec, loop = plan.times["vectorized"], plan.times["loop"]
+    if len(vec) >= _WARMUP + _SAMPLES and len(loop) >= _WARMUP + _SAMPLES:
+        # Other programs only ever slow a call down: the fastest timed call is the least disturbed estimate.
+        best = {name: min(ts[_WARMUP:]) for name, ts in plan.times.items()}
+        plan.choice = "loop" if best["loop"] < best["vectorized"] else "vectorized"
+    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: stay with vmap
+        plan.choice = "vectorized"
+
+
+def run_members(
+    planner: Planner,
+    forced: str,
+    key_extra: tuple[Any, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dims: tuple[Any, ...],
+    kw_dims: dict[str, Any],
+    vectorized: Callable[[], Any],
+    loop: Callable[[], Any],
+    device: torch.device,
+) -> Any:
+    """Run the members with the forced strategy, or the one measured fastest for this signature."""
+    if forced == "loop":
+        if not _loopable(args, kwargs, dims, kw_dims):
+            raise EnsembleError(
+                "Ensemble: strategy='loop' cannot split these inputs (a PackedSequence, an object, or nested "
+                "in_dims); use strategy='auto' or 'vectorized'."
+            )
+        return loop()
+    if forced == "vectorized":
+        return vectorized()
+    key = signature(args, kwargs, dims, kw_dims, key_extra)
+    known = planner.plans.get(key)
+    if known is None or known.pending is None:
+        planner.forget_pending()  # another signature's open training interval would time this call too
+    if known is not None and known.choice is not None and known.pending is None:  # the steady state
+        return loop() if known.choice == "loop" else vectorized()
+    describe = lambda: _describe_call(args, kwargs, dims, kw_dims, key_extra)  # noqa: E731
+    name, plan = planner.choose(key, describe, _loopable(args, kwargs, dims, kw_dims))
+    if plan is None:
+        return loop() if name == "loop" else vectorized()
+    synchronize(device)
+    start = time.perf_counter()
+    out = loop() if name == "loop" else vectorized()
+    if plan.calls == 1 and any(not isinstance(x, (Tensor, *_SCALARS)) for x in tree_flatten(out)[0]):
+        plan.choice = "vectorized"  # outputs the loop could not stack (objects such as caches)
+    elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in tree_flatten(out)[0]):
+        plan.pending = (name, start)  # timed until the next call: backward and optimizer step included
+    else:
+        synchronize(device)
+        plan.times[name].append(time.perf_counter() - start)
+        _decide(plan)
+    return out
+
+
+def _describe_call(args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any, kw_dims: Any, extra: tuple) -> str:
+    """A signature in words: ``x: [8, 1, 28, 28] float32 cpu (shared), eval, no grad``."""
+
+    def word(value: Any, dim: Any) -> str:
+        tensors = [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
+        if not tensors:
+            return type(value).__name__
+        t = tensors[0]
+        how = "shared" if dim is None else f"split on dim {dim}"
+        return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')} {t.device} ({how})"
+
+    words = [word(a, d) for a, d in zip(args, dims)]
+    words += [f"{k}={word(v, kw_dims.get(k))}" for k, v in kwargs.items()]
+    training, grad = extra[0], extra[1]
+    return f"({', '.join(words)}), {'train' if training else 'eval'}, {'grad' if grad else 'no grad'}"
+
+
+def run_strategy(
+    ens: Any,
+    vectorized: Callable[[], Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dims: tuple[Any, ...],
+    kw_dims: dict[str, Any] | None,
+    options: Any,
+) -> Any:
+    """``ens``'s members on these inputs, by the strategy ``options.strategy`` forces or the planner measured."""
+    kw_dims = kw_dims or {}
+    state = ens._state
+
+    def loop() -> Any:
+        shells = ens.__dict__.get("_shells")
+        if shells is None or len(shells.modules) != ens.num_members:
+            shells = Shells(ens._template, state.aliases, [slot.name for slot in state.buffer_slots], ens.num_members)
+            object.__setattr__(ens, "_shells", shells)
+        return loop_forward(shells, state.params(), state.buffers(), args, kwargs, dims, kw_dims)
+
+    forced = options.strategy
+    if options.randomness != "different" and forced != "loop":
+        return vectorized()  # "same" masks or "error": vmap's randomness modes, which the loop has not
+    if forced == "loop" and options.randomness != "different":
+        raise EnsembleError(
+            f"Ensemble: strategy='loop' runs the members one by one, so it cannot give randomness="
+            f"{options.randomness!r}; use randomness='different' or strategy='vectorized'."
+        )
+    if torch.compiler.is_compiling():  # never measure (nor touch the plan cache) inside a compiled graph
+        return loop() if forced == "loop" else vectorized()
+    planner = ens.__dict__.get("_planner")
+    if planner is None:
+        planner = Planner()
+        object.__setattr__(ens, "_planner", planner)
+    extra = (ens.training, torch.is_grad_enabled(), options.chunk_size)
+    return run_members(planner, forced, extra, args, kwargs, dims, kw_dims, vectorized, loop, state.device())
+
+
+def describe_plan(ens: Any) -> str:
+    """What runs the members of ``ens``: the fast path, the forced strategy, or the measured plan per signature."""
+    options = ens._options
+    lines = [f"Ensemble of {ens.num_members} {ens.member_class.__qualname__}, strategy={options.strategy!r}"]
+    if ens._fast is not None and options.fast_path and options.strategy != "loop":
+        steps = ", ".join(type(step).__name__.removesuffix("Step") for step in ens._fast.steps)
+        lines.append(f"  one tensor input: batched products (baddbmm) over the chain [{steps}]")
+    planner = ens.__dict__.get("_planner")
+    described = planner.describe() if planner is not None else []
+    if options.strategy != "auto":
+        lines.append(f"  other calls: {options.strategy} (forced)")
+    elif described:
+        lines += [f"  {line}" for line in described]
+    else:
+        lines.append("  other calls: measured on the first calls of each input signature (none yet)")
+    return "\n".join(lines)
+
+
+def plan_summary(ens: Any) -> str:
+    """For the repr: ``", plan: loop for 1 input signature, vectorized for 2"`` once choices are measured."""
+    planner = ens.__dict__.get("_planner")
+    if planner is None or ens._options.strategy != "auto":
+        return ""
+    counts: dict[str, int] = {}
+    for plan in planner.plans.values():
+        if plan.choice is not None:
+            counts[plan.choice] = counts.get(plan.choice, 0) + 1
+    words = [f"{name} for {k} input signature{'s' * (k > 1)}" for name, k in sorted(counts.items())]
+    return f", plan: {', '.join(words)}" if words else ""

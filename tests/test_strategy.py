@@ -1,0 +1,143 @@
+"""ensembling._strategy: every strategy gives the loop's answer; auto measures once per signature, visibly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ensembling import Ensemble, EnsembleError
+from ensembling._zoo import ARCHITECTURES
+
+MEMBERS, BATCH = 3, 4
+TOL = {"rtol": 2e-5, "atol": 2e-5}
+DETERMINISTIC = [name for name, a in ARCHITECTURES.items() if not a.random_in_training]
+
+
+def _leaves(output: object) -> list[Tensor]:
+    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+
+
+def _setup(name: str, train: bool, per_member: bool, strategy: str):
+    """Members of architecture ``name``, their ensemble under ``strategy`` and a batch of inputs."""
+    arch = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    models = [arch.factory().train(train) for _ in range(MEMBERS)]
+    args = arch.inputs((MEMBERS,) if per_member else (), BATCH, torch.Generator().manual_seed(1))
+    return models, Ensemble.from_modules(models, strategy=strategy), args
+
+
+def _member_args(args: tuple[Tensor, ...], i: int, per_member: bool) -> tuple[Tensor, ...]:
+    return tuple(a[i] for a in args) if per_member else args
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_loop_strategy_equals_the_loop(name: str, train: bool, per_member: bool) -> None:
+    """strategy='loop': outputs, parameter gradients and updated buffers equal the members run alone."""
+    models, ens, args = _setup(name, train, per_member, "loop")
+    outputs = _leaves(ens(*args, in_dims=0 if per_member else None))
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(o.shape, generator=gen) for o in outputs]
+    sum((o * w).sum() for o, w in zip(outputs, weights) if o.is_floating_point()).backward()
+    for i, model in enumerate(models):
+        expected = _leaves(model(*_member_args(args, i, per_member)))
+        for got, want in zip(outputs, expected):
+            torch.testing.assert_close(got[i], want, **TOL)
+        sum((o * w[i]).sum() for o, w in zip(expected, weights) if o.is_floating_point()).backward()
+    for key, stacked in ens.named_stacked_parameters().items():
+        if stacked.grad is not None or models[0].get_parameter(key).grad is not None:
+            want = torch.stack([m.get_parameter(key).grad for m in models])
+            torch.testing.assert_close(stacked.grad, want, **TOL, msg=lambda m: f"{key}: {m}")
+    for key, stacked in ens.named_stacked_buffers().items():  # BatchNorm running statistics, in place
+        torch.testing.assert_close(stacked, torch.stack([m.get_buffer(key) for m in models]), **TOL)
+
+
+def test_loop_strategy_gives_one_stack_in_backward() -> None:
+    """Each stacked parameter gets its gradient through a single unbind, not one indexing op per member."""
+    ens = Ensemble(lambda: nn.GRU(3, 4), 5, strategy="loop")
+    out, _ = ens(torch.randn(6, 2, 3))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack += [f for f, _ in fn.next_functions]
+    readers = [fn for fn in seen if any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions)]
+    assert [type(fn).__name__ for fn in readers] == ["UnbindBackward0"] * len(ens.named_stacked_parameters())
+
+
+def test_auto_measures_then_caches_one_choice_per_signature() -> None:
+    """The first calls of a signature alternate strategies; then one choice is kept, shown by plan() and the repr."""
+    torch.manual_seed(0)
+    ens = Ensemble(lambda: nn.LSTM(3, 5, batch_first=True), 4)
+    models = ens.unstack()
+    x = torch.randn(2, 7, 3)
+    with torch.no_grad():
+        for _ in range(12):
+            torch.testing.assert_close(ens(x)[0], torch.stack([m(x)[0] for m in models]), **TOL)
+    (plan,) = ens._planner.plans.values()
+    assert plan.choice in ("vectorized", "loop")
+    assert len(plan.times["vectorized"]) == len(plan.times["loop"]) == 5  # 1 warm-up + 4 timed each
+    text = ens.plan()
+    assert "([2, 7, 3] float32 cpu (shared)), train, no grad -> " + plan.choice in text
+    assert f"plan: {plan.choice} for 1 input signature" in repr(ens)
+    with torch.no_grad():
+        ens(torch.randn(3, 7, 3))  # a new shape: a new signature, measured on its own
+    assert len(ens._planner.plans) == 2 and "measuring" in ens.plan()
+
+
+def test_auto_times_training_calls_through_the_backward_pass() -> None:
+    """With autograd recording, a call is timed until the next call, so backward and the step count."""
+    ens = Ensemble(lambda: nn.GRU(3, 4), 3)
+    x = torch.randn(5, 2, 3)
+    for _ in range(11):
+        ens(x)[0].sum().backward()
+    (plan,) = ens._planner.plans.values()
+    assert plan.choice in ("vectorized", "loop")
+    assert all(t > 0 for ts in plan.times.values() for t in ts)
+
+
+@pytest.mark.parametrize("strategy", ["vectorized", "loop"])
+def test_forced_strategies_are_honoured(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced strategy runs on every call (no measuring), also for a Linear chain when it is 'loop'."""
+    calls: list[str] = []
+    import ensembling._strategy as module
+
+    original = module.loop_forward
+    monkeypatch.setattr(module, "loop_forward", lambda *a: calls.append("loop") or original(*a))
+    ens = Ensemble(lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), 2, strategy=strategy)
+    for _ in range(10):
+        ens(torch.randn(5, 3))
+    assert calls == (["loop"] * 10 if strategy == "loop" else [])
+    assert f"strategy={strategy!r}" in repr(ens) and f"{strategy} (forced)" in ens.plan()
+    assert ens.__dict__.get("_planner") is None or not ens._planner.plans
+    chain = Ensemble(lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 2, strategy=strategy)
+    chain(torch.randn(5, 3))
+    assert ("path=baddbmm" in repr(chain)) is (strategy == "vectorized")
+
+
+def test_strategy_is_validated_and_kept_by_the_other_setters() -> None:
+    """A bad strategy is an EnsembleError naming the choices; changing randomness keeps the strategy."""
+    with pytest.raises(EnsembleError, match="strategy must be one of 'auto', 'vectorized', 'loop'; got 'fast'"):
+        Ensemble(lambda: nn.Linear(2, 2), 2, strategy="fast")
+    ens = Ensemble(lambda: nn.Linear(2, 2), 2, strategy="loop")
+    ens.randomness = "same"
+    assert ens.strategy == "loop"
+    with pytest.raises(EnsembleError, match="strategy='loop'.*randomness='same'"):
+        ens(torch.randn(3, 2))
+    ens.strategy = "auto"
+    assert ens(torch.randn(3, 2)).shape == (2, 3, 2)
+
+
+@pytest.mark.slow
+def test_compiled_auto_ensemble_never_measures_and_matches_eager() -> None:
+    """torch.compile(fullgraph=True) of an auto ensemble runs the vectorized path and gives the eager answer."""
+    ens = Ensemble(lambda: nn.GRU(3, 4, batch_first=True), 3).eval()
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(ens, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], ens(x)[0], **TOL)
+    assert len(ens._planner.plans) == 1  # only the eager call planned
