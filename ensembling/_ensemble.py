@@ -56,14 +56,21 @@ class Ensemble(nn.Module):
     ----------
     factory : callable
         Returns a new member, e.g. a module class or ``lambda: MLP(784, 128)``.
-        It is called **once**: the members' initial values are drawn together,
-        by running every submodule's ``reset_parameters()`` (or
-        ``_reset_parameters()``) under :func:`torch.vmap` with
-        ``randomness="different"``. Each member therefore gets an independent
-        draw from exactly the distribution the layer's own initializer uses,
-        with fan-in and fan-out computed from one member's shapes.
-        Parameters of a submodule without such a method are copied from the
-        one factory call to every member (a warning names them).
+        The members are distributed exactly as ``num_members`` independent
+        ``factory()`` calls, whatever the factory does: ``reset_parameters()``,
+        ``nn.init`` calls in ``__init__``, ``self.apply(_init_weights)``
+        (Hugging Face), timm's ``trunc_normal_``, parameters with no
+        ``reset_parameters()``. One recorded call shows what happens to each
+        tensor; where every write is a self-contained in-place op
+        (``uniform_``, ``normal_``, ``nn.init.kaiming_uniform_``, ``fill_`` ...)
+        those writes are replayed on all members at once (under
+        :func:`torch.vmap` with ``randomness="different"`` where the law
+        depends on the shape), and tensors no draw reaches are copied. Where
+        that would not be exact (a tensor computed from others, ``orthogonal_``,
+        cloned layers, a drawn value read in Python), ``factory()`` is called
+        once per member instead: slower, never a different law. On the replay
+        path the factory is called a second time, to check that the copied
+        tensors are the same in every call.
     num_members : int
         How many members, at least 1.
     device : torch.device or str, optional

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import EnsembleError
-from ._record import Plan, record_factory
+from ._record import ELEMENTWISE, OVERWRITES, Plan, Step, record_factory
 
 __all__ = ["draw_members", "draw_seeded_members", "is_torch_nn_class", "make_prototype", "member_seed"]
 
@@ -161,12 +161,27 @@ def member_seed(seed: int, member: int) -> int:
 
 
 def _stacked_like(prototype: nn.Module, build: _Build, n: int) -> State:
-    """``[n, *shape]`` copies of the recorded values, in their recorded dtype, on the prototype's device."""
+    """``[n, *shape]`` stacks in the recorded dtypes on the prototype's devices: copies of the recorded values,
+    or only allocated where the first replayed write overwrites the whole tensor."""
     target = dict(_named_state(prototype))
-    return {name: t.to(target[name].device).unsqueeze(0).expand(n, *t.shape).clone() for name, t in build.raw.items()}
+    first: dict[str, Step] = {}
+    for name, step in build.plan.steps:
+        first.setdefault(name, step)
+    stacked = {}
+    for name, t in build.raw.items():
+        step = first.get(name)
+        if step is not None and step.func in OVERWRITES and _covers(step, t):
+            stacked[name] = torch.empty((n, *t.shape), dtype=t.dtype, device=target[name].device)
+        else:
+            stacked[name] = t.to(target[name].device).unsqueeze(0).expand(n, *t.shape).clone()
+    return stacked
 
 
-def _view(stacked: Tensor, step) -> Tensor:  # noqa: ANN001 - a _record.Step
+def _covers(step: Step, t: Tensor) -> bool:
+    return step.offset == 0 and step.shape == tuple(t.shape) and step.stride == t.stride()
+
+
+def _view(stacked: Tensor, step: Step) -> Tensor:
     """The members' ``[n, *step.shape]`` view that ``step`` writes, in a contiguous ``[n, ...]`` stack."""
     return stacked.as_strided(
         (stacked.shape[0], *step.shape), (stacked.stride(0), *step.stride), stacked.storage_offset() + step.offset
@@ -174,16 +189,24 @@ def _view(stacked: Tensor, step) -> Tensor:  # noqa: ANN001 - a _record.Step
 
 
 def _replay_vmapped(stacked: State, plan: Plan) -> None:
-    """Every recorded draw on every member at once; fan-in and fan-out come from one member's shape under vmap."""
-    for name, step in plan.steps:
+    """Every recorded write on every member at once, in the recorded order.
 
-        def write(view: Tensor, step=step) -> Tensor:  # noqa: ANN001
+    Element-wise writes run on the ``[n, ...]`` view directly; the others (``kaiming_*``, ``xavier_*``, ``tril_``
+    ...) under vmap with ``randomness="different"``, where fan-in and fan-out come from one member's shape.
+    """
+    for name, step in plan.steps:
+        view = _view(stacked[name], step)
+        if step.func in ELEMENTWISE:
             step.apply(view)
+            continue
+
+        def write(member: Tensor, step: Step = step) -> Tensor:
+            step.apply(member)
             return torch.zeros(())
 
-        with warnings.catch_warnings():  # vmap's "no batching rule for aten::clamp_" (trunc_normal_) is only slower
+        with warnings.catch_warnings():  # vmap's "no batching rule for aten::clamp_" is only slower
             warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented")
-            torch.vmap(write, randomness="different")(_view(stacked[name], step))
+            torch.vmap(write, randomness="different")(view)
 
 
 def _finish(prototype: nn.Module, stacked: State) -> tuple[State, State]:

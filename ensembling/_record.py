@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Plan", "Step", "record_factory"]
+__all__ = ["ELEMENTWISE", "OVERWRITES", "Plan", "Step", "record_factory"]
 
 # Ops that return only metadata (or views the mode then sees written): never a write, never a data read.
 _METADATA = frozenset(
@@ -58,6 +58,19 @@ _INIT_REPLAYED = {
     "kaiming_uniform_ kaiming_normal_".split()
 }
 _INIT_MODULES = frozenset({"torch.nn.init", "transformers.initialization"})
+# Writes that set every element of the view they write, whatever it held.
+OVERWRITES = frozenset(
+    list(_INIT_REPLAYED.values())
+    + [getattr(Tensor, name) for name in "uniform_ normal_ fill_ zero_ random_ exponential_ log_normal_ cauchy_ "
+       "geometric_".split()]
+)  # fmt: skip
+# Writes whose law on an element does not depend on the tensor's shape: replayed on all members at once, no vmap.
+ELEMENTWISE = frozenset(
+    [_INIT_REPLAYED[name] for name in "uniform_ normal_ trunc_normal_ constant_ ones_ zeros_".split()]
+    + [getattr(Tensor, name) for name in "uniform_ normal_ fill_ zero_ random_ bernoulli_ exponential_ "
+       "log_normal_ cauchy_ geometric_ mul_ add_ sub_ div_ clamp_ clamp_min_ clamp_max_ erfinv_ abs_ neg_ "
+       "exp_ sqrt_ pow_ __imul__ __iadd__ __isub__ __itruediv__".split()]
+)  # fmt: skip
 # Creation ops with no tensor input, as the in-place op that gives the same law on a fresh tensor.
 _CREATION: dict[str, Callable[[tuple, dict], tuple[Callable, tuple]] | None] = {
     "empty": None, "empty_like": None, "new_empty": None,
