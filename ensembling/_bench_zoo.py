@@ -71,10 +71,11 @@ def _first(output: Any) -> torch.Tensor:
 
 def _latest_choice(ens: Ensemble) -> str:
     """What ran the ensemble's latest input signature: ``baddbmm``, ``vectorized``, ``loop`` or ``vmap``."""
-    if "path=baddbmm" in ens.extra_repr():
-        return "baddbmm"
     planner = ens.__dict__.get("_planner")  # absent before the strategy planner existed: plain vmap
     plans = list(planner.plans.values()) if planner is not None else []
+    if "path=baddbmm" in ens.extra_repr():  # with autograd, the activation layout is measured too
+        layout = plans[-1].choice if plans and plans[-1].description.startswith("baddbmm") else None
+        return f"baddbmm ({layout})" if layout and torch.is_grad_enabled() else "baddbmm"
     return (plans[-1].choice or "measuring") if plans else "vmap"
 
 

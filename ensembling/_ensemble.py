@@ -33,7 +33,7 @@ from ._init import draw_members, draw_seeded_members, make_prototype
 from ._layers import describe_stand_ins, make_runner
 from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
-from ._strategy import describe_plan, plan_summary, run_strategy
+from ._strategy import describe_plan, plan_summary, run_fast, run_strategy
 from ._validate import check_members
 from ._vmap import InDims, VmapRunner
 
@@ -513,18 +513,13 @@ class Ensemble(nn.Module):
         dims, kw_dims = self._vmap.check(args, kwargs, in_dims, self.num_members)
         if self._fast is not None and options.fast_path and options.chunk_size is None and options.strategy != "loop":
             if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and dims[0] in (None, 0):
-                transposed = (
-                    self._fast.weights_are_large
-                    and torch.is_grad_enabled()
-                    and any(p.requires_grad for p in self.stacked.parameters())
-                )
-                shared = dims[0] is None
-                return self._fast.run(args[0], shared, self.num_members, self.training, options.randomness, transposed)
+                return run_fast(self, args[0], dims[0] is None, options)  # the layout measured: _strategy.py
 
         def vectorized() -> Any:
             params, buffers = self._state.params(), self._state.buffers()
             device = self._state.device()
-            return self._vmap(params, buffers, args, kwargs, dims, options.randomness, options.chunk_size, device, kw_dims)
+            randomness, chunk_size = options.randomness, options.chunk_size
+            return self._vmap(params, buffers, args, kwargs, dims, randomness, chunk_size, device, kw_dims)
 
         return run_strategy(self, vectorized, args, kwargs, dims, kw_dims, options)  # vectorized or loop: _strategy.py
 

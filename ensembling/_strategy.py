@@ -40,7 +40,7 @@ from ._device import synchronize
 from ._errors import EnsembleError
 from ._state import owner
 
-__all__ = ["Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_strategy"]
+__all__ = ["Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy"]
 
 _WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -147,8 +147,10 @@ def _describe(value: Any) -> Any:
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any, kw_dims: Any, extra: tuple[Any, ...]) -> Any:
     """What a plan depends on: every input's shape, dtype and device (or value), the split dims and ``extra``."""
+    if not kwargs and all(isinstance(a, Tensor) for a in args) and all(d is None or type(d) is int for d in dims):
+        return (tuple((a.shape, a.dtype, a.device) for a in args), dims, extra)  # the common case, quickly
     leaves, spec = tree_flatten((args, kwargs))
-    key = (str(spec), tuple(_describe(leaf) for leaf in leaves), repr(dims), repr(sorted(kw_dims.items())), extra)
+    key = (spec, tuple(_describe(leaf) for leaf in leaves), repr(dims), repr(sorted(kw_dims.items())), extra)
     return key
 
 
@@ -158,7 +160,8 @@ class Plan:
 
     description: str
     choice: str | None = None  # None while measuring
-    times: dict[str, list[float]] = field(default_factory=lambda: {"vectorized": [], "loop": []})
+    names: tuple[str, str] = ("vectorized", "loop")  # the two candidates; the first is the default
+    times: dict[str, list[float]] = field(default_factory=dict)
     calls: int = 0
     pending: tuple[str, float] | None = None  # a training call's strategy and start, timed until the next call
 
@@ -176,11 +179,14 @@ class Planner:
     def __init__(self) -> None:
         self.plans: dict[Any, Plan] = {}
 
-    def choose(self, key: Any, describe: Callable[[], str], loopable: bool) -> tuple[str, Plan | None]:
-        """The strategy for this call of signature ``key``, and its plan if the call is to be timed."""
+    def choose(
+        self, key: Any, describe: Callable[[], str], measurable: bool, names: tuple[str, str] = ("vectorized", "loop")
+    ) -> tuple[str, Plan | None]:
+        """The candidate for this call of signature ``key``, and its plan if the call is to be timed."""
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = Plan(describe(), choice=None if loopable else "vectorized")
+            plan = Plan(describe(), choice=None if measurable else names[0], names=names, times={n: [] for n in names})
+            self.plans[key] = plan
         if plan.pending is not None:  # the previous training call of this signature ends here
             name, start = plan.pending
             plan.times[name].append(time.perf_counter() - start)
@@ -189,7 +195,7 @@ class Planner:
         if plan.choice is not None:
             return plan.choice, None
         plan.calls += 1
-        return ("vectorized" if plan.calls % 2 else "loop"), plan
+        return plan.names[0 if plan.calls % 2 else 1], plan
 
     def forget_pending(self) -> None:
         """Another signature ran in between: the open interval would time both, so it is dropped."""
@@ -201,13 +207,11 @@ class Planner:
 
 
 def _decide(plan: Plan) -> None:
-    vec, loop = plan.times["vectorized"], plan.times["loop"]
-    if len(vec) >= _WARMUP + _SAMPLES and len(loop) >= _WARMUP + _SAMPLES:
+    if all(len(ts) >= _WARMUP + _SAMPLES for ts in plan.times.values()):
         # Other programs only ever slow a call down: the fastest timed call is the least disturbed estimate.
-        best = {name: min(ts[_WARMUP:]) for name, ts in plan.times.items()}
-        plan.choice = "loop" if best["loop"] < best["vectorized"] else "vectorized"
-    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: stay with vmap
-        plan.choice = "vectorized"
+        plan.choice = min(plan.names, key=lambda name: min(plan.times[name][_WARMUP:]))
+    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: keep the default
+        plan.choice = plan.names[0]
 
 
 def run_members(
@@ -240,14 +244,20 @@ def run_members(
         return loop() if known.choice == "loop" else vectorized()
     describe = lambda: _describe_call(args, kwargs, dims, kw_dims, key_extra)  # noqa: E731
     name, plan = planner.choose(key, describe, _loopable(args, kwargs, dims, kw_dims))
+    return measured(plan, name, {"vectorized": vectorized, "loop": loop}, device)
+
+
+def measured(plan: Plan | None, name: str, runners: dict[str, Callable[[], Any]], device: torch.device) -> Any:
+    """Run candidate ``name``; while ``plan`` is measuring, time the call (a training call: until the next one)."""
     if plan is None:
-        return loop() if name == "loop" else vectorized()
+        return runners[name]()
     synchronize(device)
     start = time.perf_counter()
-    out = loop() if name == "loop" else vectorized()
-    if plan.calls == 1 and any(not isinstance(x, (Tensor, *_SCALARS)) for x in tree_flatten(out)[0]):
-        plan.choice = "vectorized"  # outputs the loop could not stack (objects such as caches)
-    elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in tree_flatten(out)[0]):
+    out = runners[name]()
+    leaves = tree_flatten(out)[0]
+    if plan.calls == 1 and any(not isinstance(x, (Tensor, *_SCALARS)) for x in leaves):
+        plan.choice = plan.names[0]  # outputs the loop could not stack (objects such as caches)
+    elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
         plan.pending = (name, start)  # timed until the next call: backward and optimizer step included
     else:
         synchronize(device)
@@ -340,3 +350,36 @@ def plan_summary(ens: Any) -> str:
             counts[plan.choice] = counts.get(plan.choice, 0) + 1
     words = [f"{name} for {k} input signature{'s' * (k > 1)}" for name, k in sorted(counts.items())]
     return f", plan: {', '.join(words)}" if words else ""
+
+
+def run_fast(ens: Any, x: Tensor, shared: bool, options: Any) -> Tensor:
+    """The fast path's chain on ``x``; under autograd, the activation layout measured faster per signature.
+
+    ``rows`` keeps activations ``[members, rows, features]``; ``transposed`` keeps
+    ``[members, features, rows]``, whose weight gradients need no copy into the
+    weights' layout but whose products may be slower. Without measuring (forced
+    strategies, ``torch.compile``) the layout follows the weights' size.
+    """
+    fast = ens._fast
+
+    def run(transposed: bool) -> Tensor:
+        return fast.run(x, shared, ens.num_members, ens.training, options.randomness, transposed)
+
+    recording = torch.is_grad_enabled() and any(p.requires_grad for p in ens.stacked.parameters())
+    if not recording or options.strategy != "auto" or torch.compiler.is_compiling():
+        return run(recording and fast.weights_are_large)
+    planner = ens.__dict__.get("_planner")
+    if planner is None:
+        planner = Planner()
+        object.__setattr__(ens, "_planner", planner)
+    key = ("baddbmm", x.shape, x.dtype, x.device, shared, ens.training)
+    known = planner.plans.get(key)
+    if known is None or known.pending is None:
+        planner.forget_pending()
+    if known is not None and known.choice is not None and known.pending is None:
+        return run(known.choice == "transposed")
+    where = "shared" if shared else "split on dim 0"
+    describe = lambda: f"baddbmm layout, ({list(x.shape)} {x.dtype} {x.device} ({where})), grad"  # noqa: E731
+    names = ("transposed", "rows") if fast.weights_are_large else ("rows", "transposed")
+    name, plan = planner.choose(key, describe, True, names)
+    return measured(plan, name, {"rows": lambda: run(False), "transposed": lambda: run(True)}, x.device)

@@ -73,14 +73,14 @@ def mlp(in_features: int, hidden: int) -> nn.Sequential:
 
 
 class CustomMLP(nn.Module):
-    """The benchmarked MLP as a custom class (forward with ``F.relu``), sharing ``seq``'s layers."""
+    """The benchmarked MLP as a custom class, as in the first tutorial: ``x.flatten(1)``, then ``F.relu``."""
 
     def __init__(self, seq: nn.Sequential):
         super().__init__()
         self.fc1, self.fc2, self.fc3 = seq[0], seq[2], seq[4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:

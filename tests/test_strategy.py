@@ -141,3 +141,21 @@ def test_compiled_auto_ensemble_never_measures_and_matches_eager() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], ens(x)[0], **TOL)
     assert len(ens._planner.plans) == 1  # only the eager call planned
+
+
+def test_fast_path_training_layout_is_measured_and_gives_the_same_gradients() -> None:
+    """Under autograd the baddbmm path times both activation layouts, keeps one, and equals the vmap path."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(4)]
+    fast, slow = Ensemble.from_modules(models), Ensemble.from_modules(models, fast_path=False)
+    x = torch.randn(5, 6)
+    for _ in range(11):
+        fast.zero_grad(), slow.zero_grad()
+        a, b = fast(x), slow(x)
+        torch.testing.assert_close(a, b, **TOL)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        for p, q in zip(fast.parameters(), slow.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+    (plan,) = [p for p in fast._planner.plans.values() if p.description.startswith("baddbmm layout")]
+    assert plan.choice in ("rows", "transposed") and "baddbmm layout" in fast.plan()
