@@ -87,6 +87,9 @@ class ZooModel:
     causal_lm: bool = False
     has_batchnorm: bool = False
     train_inputs: Callable[[torch.Generator, tuple[int, ...]], tuple[Any, ...]] | None = None  # float64: smaller
+    # The library's named model, when ``factory`` is a smaller one of the same family (same layers, same
+    # init code): construction and initialization statistics use it, the runs use ``factory``.
+    reference: Callable[[], nn.Module] | None = None
 
 
 def token_ids(gen: torch.Generator, lead: tuple[int, ...]) -> tuple[Tensor]:
@@ -225,6 +228,12 @@ def resnet18() -> nn.Module:
     return import_torchvision().models.resnet18(num_classes=CLASSES)
 
 
+def resnet10() -> nn.Module:
+    """ResNet-18's blocks, layers and init code with one BasicBlock per stage (half the parameters)."""
+    models = import_torchvision().models
+    return models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=CLASSES)
+
+
 def mobilenet() -> nn.Module:
     return import_torchvision().models.mobilenet_v3_small(num_classes=CLASSES, width_mult=0.25, dropout=0.0)
 
@@ -239,12 +248,21 @@ MODELS: dict[str, ZooModel] = {
         ZooModel("t5", "transformers", t5, seq2seq_ids, _logits, {"use_cache": False}),
         ZooModel("vit", "timm", vit, images, _tensor),
         ZooModel("convnext", "timm", convnext, images, _tensor),
-        ZooModel("resnet18", "torchvision", resnet18, images, _tensor, has_batchnorm=True, train_inputs=small_images),
+        ZooModel(
+            "resnet18",
+            "torchvision",
+            resnet10,
+            small_images,
+            _tensor,
+            has_batchnorm=True,
+            train_inputs=small_images,
+            reference=resnet18,
+        ),
         ZooModel(
             "mobilenet_v3_small",
             "torchvision",
             mobilenet,
-            images,
+            small_images,
             _tensor,
             has_batchnorm=True,
             train_inputs=small_images,
