@@ -32,6 +32,11 @@ random initialization.
 # CPU. The factory builds one classifier with three labels; ``Ensemble`` calls
 # it to draw eight members. Token ids inside the vocabulary for ``bos`` and
 # ``eos`` keep ``transformers`` from warning about the configuration.
+import warnings
+
+# tqdm, which transformers imports, warns in a Jupyter kernel without ipywidgets
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 import matplotlib.pyplot as plt
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
