@@ -55,6 +55,8 @@ def _slice(value: Any, dim: Any, index: int) -> Any:
 
 def _stack(outputs: list[Any]) -> Any:
     """The members' outputs as one: every tensor leaf stacked along a new leading member dimension."""
+    if isinstance(outputs[0], Tensor):
+        return torch.stack(outputs)
     leaves, spec = tree_flatten(outputs[0])
     columns = [tree_flatten(out)[0] for out in outputs]
     stacked = [
@@ -133,6 +135,8 @@ def loop_forward(
 
 def _loopable(args: tuple[Any, ...], kwargs: dict[str, Any], dims: tuple[Any, ...], kw_dims: dict[str, Any]) -> bool:
     """Whether the loop can split these inputs: plain containers of tensors and scalars, int or None dims."""
+    if not kwargs and all(type(a) is Tensor for a in args) and all(d is None or type(d) is int for d in dims):
+        return True
     leaves = tree_flatten((args, kwargs))[0]
     if any(isinstance(leaf, PackedSequence) or not isinstance(leaf, (Tensor, *_SCALARS)) for leaf in leaves):
         return False
