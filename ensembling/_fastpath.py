@@ -322,6 +322,11 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, pending: bool, trans
 
 def _reshape(h: Tensor, step: ReshapeStep, lead: tuple[int, ...], transposed: bool) -> tuple[Tensor, tuple[int, ...]]:
     """Apply ``step`` to every member's ``[*lead, features]`` activation held as ``h`` ``[members, rows, features]``."""
+    if step.method == "flatten":  # x.flatten(1) of an input that is already [batch, features]: nothing to do
+        ndim = len(lead) + 1
+        start, end = (d % ndim if -ndim <= d < ndim else None for d in step.args)
+        if start is not None and start == end:
+            return h, lead
     rows = h.mT if transposed else h
     out = step.apply(rows.reshape(rows.shape[0], *lead, rows.shape[2]))
     if out.dim() < 2:
