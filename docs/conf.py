@@ -73,15 +73,16 @@ def _first_notebook_cell(version: str) -> str:
 
     In a fresh Jupyter or Colab kernel that has only torch, the imports fail and
     the cell installs this docs build's release of the package with the
-    tutorials' extras (matplotlib, scikit-learn); pip keeps the kernel's torch.
+    tutorials' extras (matplotlib, scikit-learn, transformers); pip keeps the
+    kernel's torch.
     Where everything is installed (the stored notebooks, nbval) it prints nothing.
     tests/test_reader_install.py runs a downloaded notebook through this path.
     """
     return (
         "# Installs what this page needs where it is missing (a fresh Jupyter or Colab\n"
-        "# kernel with torch): the ensembling package, matplotlib and scikit-learn.\n"
+        "# kernel with torch): ensembling, matplotlib, scikit-learn and transformers.\n"
         "try:\n"
-        "    import ensembling, matplotlib, sklearn\n"
+        "    import ensembling, matplotlib, sklearn, transformers\n"
         "except ImportError:\n"
         f'    %pip install "ensembling[tutorials]=={version}"\n'
         "%matplotlib inline"

@@ -131,7 +131,8 @@ print_measured(
 # rounds the inputs of each multiplication to a 10-bit mantissa (unit roundoff
 # 2^-11, about ``4.9e-4``). The loop and the batched convolution may pick
 # different algorithms and round differently, so with TF32 on their results
-# can differ by around ``1e-3`` relative, far beyond a ``1e-5`` bound. You can either loosen the tolerance to what TF32 guarantees
+# can differ by around ``1e-3`` relative, far beyond a ``1e-5`` bound. You can
+# either loosen the tolerance to what TF32 guarantees
 # (:func:`ensembling.tolerances` returns ``1e-2`` when it is on) or, as above,
 # switch TF32 off for the comparison. This cell shows the difference TF32
 # makes on your device, then restores the default.
@@ -161,13 +162,13 @@ else:
 #
 # Doing both by hand for the first layer reproduces ``vmap`` exactly:
 w, b = params["conv1.weight"], params["conv1.bias"]  # [10, 32, 1, 3, 3], [10, 32]
-M, O = w.shape[:2]  # members, output channels
+M, C_out = w.shape[:2]  # members, output channels
 with torch.no_grad():
     xs = minibatches.transpose(0, 1).flatten(1, 2)  # [64, 10 * 1, 28, 28]
     grouped = F.conv2d(xs, w.flatten(0, 1), b.flatten(), groups=M)  # [64, 10 * 32, 26, 26]
-    grouped = grouped.unflatten(1, (M, O)).transpose(0, 1)  # [10, 64, 32, 26, 26]
+    grouped = grouped.unflatten(1, (M, C_out)).transpose(0, 1)  # [10, 64, 32, 26, 26]
     stacked = F.conv2d(minibatch, w.flatten(0, 1), b.flatten())  # [64, 10 * 32, 26, 26]
-    stacked = stacked.unflatten(1, (M, O)).transpose(0, 1)  # [10, 64, 32, 26, 26]
+    stacked = stacked.unflatten(1, (M, C_out)).transpose(0, 1)  # [10, 64, 32, 26, 26]
     by_vmap = torch.vmap(F.conv2d)(minibatches, w, b)
     by_vmap_shared = torch.vmap(F.conv2d, in_dims=(None, 0, 0))(minibatch, w, b)
 torch.testing.assert_close(grouped, by_vmap, **tol)
