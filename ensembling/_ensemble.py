@@ -34,10 +34,22 @@ from ._layers import describe_stand_ins, make_runner
 from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
 from ._strategy import describe_plan, plan_summary, run_fast, run_strategy
-from ._validate import check_members
+from ._validate import check_block, check_members, check_stacked
 from ._vmap import InDims, VmapRunner
 
 __all__ = ["Ensemble"]
+
+
+def _option(name: str, doc: str) -> property:
+    """A run option read from, and validated into, the ensemble's :class:`Options` (settable, e.g. ``ens.strategy``)."""
+
+    def get(self: Ensemble) -> Any:
+        return getattr(self._options, name)
+
+    def set(self: Ensemble, value: Any) -> None:
+        self._options = dataclasses.replace(self._options, **{name: value})
+
+    return property(get, set, doc=doc)
 
 
 class Ensemble(nn.Module):
@@ -156,7 +168,7 @@ class Ensemble(nn.Module):
         options = Options(randomness, chunk_size, fast_path, strategy)
         prototype = make_prototype(factory, num_members, device, dtype, seed)
         if members is not None:
-            _check_block(members, num_members, seed)
+            check_block(members, num_members, seed)
         if seed is None:
             params, buffers = draw_members(prototype, num_members)
         else:
@@ -209,7 +221,7 @@ class Ensemble(nn.Module):
         >>> Ensemble.from_modules([nn.Linear(3, 2), nn.Linear(3, 5)])
         Traceback (most recent call last):
         ...
-        ensembling.EnsembleError: Ensemble.from_modules: parameter 'weight' of member 1 has shape [5, 3], but member 0's has [2, 3] ...
+        ensembling.EnsembleError: Ensemble.from_modules: parameter 'weight' of member 1 has shape [5, 3], ...
         """
         options = Options(randomness, chunk_size, fast_path, strategy)
         modules = check_members(modules, "Ensemble.from_modules")
@@ -265,7 +277,7 @@ class Ensemble(nn.Module):
         """
         options = Options(randomness, chunk_size, fast_path)
         buffers = {} if buffers is None else buffers
-        _check_stacked(member, params, buffers)
+        check_stacked(member, params, buffers)
         return cls._assemble(member, dict(params), dict(buffers), options)
 
     @classmethod
@@ -302,41 +314,10 @@ class Ensemble(nn.Module):
 
     # ------------------------------------------------------------------ options
 
-    @property
-    def randomness(self) -> Randomness:
-        """``"different"``, ``"same"`` or ``"error"``: the members' random draws, as for :func:`torch.vmap`."""
-        return self._options.randomness
-
-    @randomness.setter
-    def randomness(self, value: Randomness) -> None:
-        self._options = dataclasses.replace(self._options, randomness=value)
-
-    @property
-    def chunk_size(self) -> int | None:
-        """Members evaluated at a time under ``vmap`` (``None``: all at once)."""
-        return self._options.chunk_size
-
-    @chunk_size.setter
-    def chunk_size(self, value: int | None) -> None:
-        self._options = dataclasses.replace(self._options, chunk_size=value)
-
-    @property
-    def fast_path(self) -> bool:
-        """Whether a chain of Linear / Dropout / element-wise layers runs as batched products."""
-        return self._options.fast_path
-
-    @fast_path.setter
-    def fast_path(self, value: bool) -> None:
-        self._options = dataclasses.replace(self._options, fast_path=value)
-
-    @property
-    def strategy(self) -> Strategy:
-        """``"auto"``, ``"vectorized"`` or ``"loop"``: how members off the fast path run (see :meth:`plan`)."""
-        return self._options.strategy
-
-    @strategy.setter
-    def strategy(self, value: Strategy) -> None:
-        self._options = dataclasses.replace(self._options, strategy=value)
+    randomness = _option("randomness", "``'different'``, ``'same'`` or ``'error'``: random draws, as for vmap.")
+    chunk_size = _option("chunk_size", "Members evaluated at a time under ``vmap`` (``None``: all at once).")
+    fast_path = _option("fast_path", "Whether a chain of Linear / Dropout / element-wise layers runs as products.")
+    strategy = _option("strategy", "``'auto'``, ``'vectorized'`` or ``'loop'``: how members off the fast path run.")
 
     def plan(self) -> str:
         """What runs the members: the fast path, the forced strategy, or the measured choice per input signature.
@@ -364,7 +345,6 @@ class Ensemble(nn.Module):
           ([5, 6, 3] float32 cpu (shared)), train, no grad -> ... (measured: vectorized ... ms, loop ... ms)
         """
         return describe_plan(self)
-
 
     # ------------------------------------------------------------------ module protocol
 
@@ -522,43 +502,3 @@ class Ensemble(nn.Module):
             return self._vmap(params, buffers, args, kwargs, dims, randomness, chunk_size, device, kw_dims)
 
         return run_strategy(self, vectorized, args, kwargs, dims, kw_dims, options)  # vectorized or loop: _strategy.py
-
-
-def _check_block(members: range, num_members: int, seed: int | None) -> None:
-    if seed is None:
-        raise EnsembleError(
-            "Ensemble: members= builds a block of a seeded ensemble; pass seed= too, e.g. "
-            "Ensemble(factory, 16, seed=0, members=range(0, 8))."
-        )
-    if not isinstance(members, range) or members.step != 1 or len(members) == 0:
-        raise EnsembleError(f"Ensemble: members must be a non-empty range with step 1, got {members!r}.")
-    if members.start < 0 or members.stop > num_members:
-        raise EnsembleError(f"Ensemble: members {members} is not inside range(0, {num_members}).")
-
-
-def _check_stacked(member: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> None:
-    """Raise unless ``params`` / ``buffers`` hold one stacked tensor per tensor of ``member``, member counts equal."""
-    if not isinstance(member, nn.Module):
-        raise EnsembleError(f"Ensemble.from_stacked: member must be an nn.Module, got {type(member).__name__}.")
-    counts: set[int] = set()
-    for kind, given, own in (
-        ("parameter", params, dict(member.named_parameters())),
-        ("buffer", buffers, dict(member.named_buffers())),
-    ):
-        missing, extra = sorted(set(own) - set(given)), sorted(set(given) - set(own))
-        if missing or extra:
-            raise EnsembleError(
-                f"Ensemble.from_stacked: the stacked {kind}s do not match the member's "
-                f"(missing: {missing}, unexpected: {extra})."
-            )
-        for name, t in given.items():
-            if not isinstance(t, Tensor) or t.shape[1:] != own[name].shape:
-                found = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise EnsembleError(
-                    f"Ensemble.from_stacked: {kind} {name!r} is {found}, but it must be "
-                    f"[num_members, {', '.join(map(str, own[name].shape))}] (the member's shape "
-                    "with a leading member dimension)."
-                )
-            counts.add(t.shape[0])
-    if len(counts) > 1:
-        raise EnsembleError(f"Ensemble.from_stacked: the stacked tensors hold different member counts: {sorted(counts)}.")

@@ -62,7 +62,8 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Te
     """``module(input, hx)`` for an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``, from vmappable operations.
 
     Supports everything the module's own forward does except packed
-    sequences (:class:`~ensembling.Ensemble` refuses those before the call): several layers, both directions, ``batch_first``, no bias,
+    sequences (:class:`~ensembling.Ensemble` refuses those before the call):
+    several layers, both directions, ``batch_first``, no bias,
     inter-layer dropout in training mode, ``proj_size`` (LSTM), the ``relu``
     nonlinearity (RNN), an initial state, and unbatched ``[time, features]``
     input.
@@ -111,7 +112,9 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx: Tensor | tuple[Tensor, Te
             # (A 2-D product on [T * B, F]: F.linear on the 3-D batched tensor fails under
             # torch.compile with dynamic shapes.)
             flat = layer_input.reshape(steps * batch, layer_input.shape[-1])
-            gates_in = (torch.mm(flat, w_ih.t()) if both is None else torch.addmm(both, flat, w_ih.t())).view(steps, batch, -1)
+            gates_in = (torch.mm(flat, w_ih.t()) if both is None else torch.addmm(both, flat, w_ih.t())).view(
+                steps, batch, -1
+            )
             w_hh_t = w_hh.t()
             order = range(steps - 1, -1, -1) if direction else range(steps)
             ys: list[Tensor | None] = [None] * steps

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._errors import EnsembleError
 
-__all__ = ["check_members"]
+__all__ = ["check_block", "check_members", "check_stacked"]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -73,6 +73,7 @@ def _check_member(caller: str, first: nn.Module, i: int, m: nn.Module, requires_
             f"{type(first).__qualname__}; every member must be an instance of the same class."
         )
     if m.training != first.training:
+
         def mode(mod: nn.Module) -> str:
             return "train" if mod.training else "eval"
 
@@ -111,3 +112,46 @@ def check_members(models: Iterable[nn.Module], caller: str, requires_grad: bool 
     for i, m in enumerate(models[1:], start=1):
         _check_member(caller, models[0], i, m, requires_grad)
     return models
+
+
+def check_block(members: range, num_members: int, seed: int | None) -> None:
+    """Raise unless ``members`` is a non-empty contiguous block of ``range(num_members)`` of a seeded ensemble."""
+    if seed is None:
+        raise EnsembleError(
+            "Ensemble: members= builds a block of a seeded ensemble; pass seed= too, e.g. "
+            "Ensemble(factory, 16, seed=0, members=range(0, 8))."
+        )
+    if not isinstance(members, range) or members.step != 1 or len(members) == 0:
+        raise EnsembleError(f"Ensemble: members must be a non-empty range with step 1, got {members!r}.")
+    if members.start < 0 or members.stop > num_members:
+        raise EnsembleError(f"Ensemble: members {members} is not inside range(0, {num_members}).")
+
+
+def check_stacked(member: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> None:
+    """Raise unless ``params`` / ``buffers`` hold one stacked tensor per tensor of ``member``, member counts equal."""
+    if not isinstance(member, nn.Module):
+        raise EnsembleError(f"Ensemble.from_stacked: member must be an nn.Module, got {type(member).__name__}.")
+    counts: set[int] = set()
+    for kind, given, own in (
+        ("parameter", params, dict(member.named_parameters())),
+        ("buffer", buffers, dict(member.named_buffers())),
+    ):
+        missing, extra = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+        if missing or extra:
+            raise EnsembleError(
+                f"Ensemble.from_stacked: the stacked {kind}s do not match the member's "
+                f"(missing: {missing}, unexpected: {extra})."
+            )
+        for name, t in given.items():
+            if not isinstance(t, Tensor) or t.shape[1:] != own[name].shape:
+                found = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise EnsembleError(
+                    f"Ensemble.from_stacked: {kind} {name!r} is {found}, but it must be "
+                    f"[num_members, {', '.join(map(str, own[name].shape))}] (the member's shape "
+                    "with a leading member dimension)."
+                )
+            counts.add(t.shape[0])
+    if len(counts) > 1:
+        raise EnsembleError(
+            f"Ensemble.from_stacked: the stacked tensors hold different member counts: {sorted(counts)}."
+        )

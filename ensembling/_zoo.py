@@ -98,7 +98,10 @@ def token_inputs(seq: int, vocab: int = 20) -> Inputs:
 
 
 def two_inputs(a: int, b: int) -> Inputs:
-    return lambda lead, batch, gen: (torch.randn(*lead, batch, a, generator=gen), torch.randn(*lead, batch, b, generator=gen))
+    return lambda lead, batch, gen: (
+        torch.randn(*lead, batch, a, generator=gen),
+        torch.randn(*lead, batch, b, generator=gen),
+    )
 
 
 def sequence_inputs(seq: int, features: int, batch_first: bool = True) -> Inputs:
@@ -111,30 +114,100 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in [
         Architecture("linear", lambda: nn.Linear(6, 4), normal_inputs(6)),
-        Architecture("mlp_layernorm_gelu", lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4)), normal_inputs(6)),
-        Architecture("conv1d_transpose", lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 2, 3)), normal_inputs(2, 8)),
-        Architecture("conv2d_transpose", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 2, stride=2)), normal_inputs(2, 5, 5)),
-        Architecture("conv3d_transpose", lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.ConvTranspose3d(3, 2, 2)), normal_inputs(2, 4, 4, 4)),
-        Architecture("batchnorm1d", lambda: nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)), normal_inputs(6)),
-        Architecture("batchnorm2d_cnn", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)), normal_inputs(2, 6, 6)),
-        Architecture("batchnorm3d", lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3)), normal_inputs(2, 3, 3, 3)),
-        Architecture("groupnorm", lambda: nn.Sequential(nn.Conv1d(4, 4, 3), nn.GroupNorm(2, 4), nn.SiLU()), normal_inputs(4, 7)),
+        Architecture(
+            "mlp_layernorm_gelu",
+            lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4)),
+            normal_inputs(6),
+        ),
+        Architecture(
+            "conv1d_transpose",
+            lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 2, 3)),
+            normal_inputs(2, 8),
+        ),
+        Architecture(
+            "conv2d_transpose",
+            lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 2, stride=2)),
+            normal_inputs(2, 5, 5),
+        ),
+        Architecture(
+            "conv3d_transpose",
+            lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.ConvTranspose3d(3, 2, 2)),
+            normal_inputs(2, 4, 4, 4),
+        ),
+        Architecture(
+            "batchnorm1d",
+            lambda: nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)),
+            normal_inputs(6),
+        ),
+        Architecture(
+            "batchnorm2d_cnn",
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 4, 3, bias=False),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(4 * 2 * 2, 3),
+            ),
+            normal_inputs(2, 6, 6),
+        ),
+        Architecture(
+            "batchnorm3d", lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3)), normal_inputs(2, 3, 3, 3)
+        ),
+        Architecture(
+            "groupnorm", lambda: nn.Sequential(nn.Conv1d(4, 4, 3), nn.GroupNorm(2, 4), nn.SiLU()), normal_inputs(4, 7)
+        ),
         Architecture("embedding", EmbeddingBagOfWords, token_inputs(5)),
-        Architecture("multihead_attention", lambda: nn.MultiheadAttention(8, 2, batch_first=True), lambda lead, batch, gen: tuple(torch.randn(*lead, batch, 5, 8, generator=gen) for _ in range(3))),
-        Architecture("transformer_encoder_layer", lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), sequence_inputs(5, 8)),
-        Architecture("transformer_decoder_layer", lambda: nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True), lambda lead, batch, gen: (torch.randn(*lead, batch, 4, 8, generator=gen), torch.randn(*lead, batch, 5, 8, generator=gen))),
+        Architecture(
+            "multihead_attention",
+            lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+            lambda lead, batch, gen: tuple(torch.randn(*lead, batch, 5, 8, generator=gen) for _ in range(3)),
+        ),
+        Architecture(
+            "transformer_encoder_layer",
+            lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+            sequence_inputs(5, 8),
+        ),
+        Architecture(
+            "transformer_decoder_layer",
+            lambda: nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+            lambda lead, batch, gen: (
+                torch.randn(*lead, batch, 4, 8, generator=gen),
+                torch.randn(*lead, batch, 5, 8, generator=gen),
+            ),
+        ),
         Architecture("transformer_classifier", TransformerClassifier, token_inputs(6)),
         Architecture("rnn_tanh_2layers", lambda: nn.RNN(4, 6, num_layers=2), sequence_inputs(5, 4, batch_first=False)),
-        Architecture("rnn_relu_bidirectional", lambda: nn.RNN(4, 6, nonlinearity="relu", bidirectional=True, batch_first=True), sequence_inputs(5, 4)),
-        Architecture("gru_bidirectional", lambda: nn.GRU(4, 6, batch_first=True, bidirectional=True), sequence_inputs(5, 4)),
+        Architecture(
+            "rnn_relu_bidirectional",
+            lambda: nn.RNN(4, 6, nonlinearity="relu", bidirectional=True, batch_first=True),
+            sequence_inputs(5, 4),
+        ),
+        Architecture(
+            "gru_bidirectional", lambda: nn.GRU(4, 6, batch_first=True, bidirectional=True), sequence_inputs(5, 4)
+        ),
         Architecture("gru_no_bias", lambda: nn.GRU(4, 6, bias=False), sequence_inputs(5, 4, batch_first=False)),
         Architecture("lstm_2layers", lambda: nn.LSTM(4, 6, num_layers=2, batch_first=True), sequence_inputs(5, 4)),
-        Architecture("lstm_projection_bidirectional", lambda: nn.LSTM(4, 6, proj_size=3, bidirectional=True), sequence_inputs(5, 4, batch_first=False)),
+        Architecture(
+            "lstm_projection_bidirectional",
+            lambda: nn.LSTM(4, 6, proj_size=3, bidirectional=True),
+            sequence_inputs(5, 4, batch_first=False),
+        ),
         Architecture("lstm_forecaster", LSTMForecaster, sequence_inputs(8, 1)),
         Architecture("lstm_cell", lambda: nn.LSTMCell(4, 6), normal_inputs(4)),
         Architecture("gru_cell", lambda: nn.GRUCell(4, 6), normal_inputs(4)),
         Architecture("critic_two_inputs", Critic, two_inputs(5, 2)),
-        Architecture("dropout", lambda: nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 4)), normal_inputs(6), random_in_training=True),
-        Architecture("lstm_dropout", lambda: nn.LSTM(4, 6, num_layers=2, dropout=0.5), sequence_inputs(5, 4, batch_first=False), random_in_training=True),
+        Architecture(
+            "dropout",
+            lambda: nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 4)),
+            normal_inputs(6),
+            random_in_training=True,
+        ),
+        Architecture(
+            "lstm_dropout",
+            lambda: nn.LSTM(4, 6, num_layers=2, dropout=0.5),
+            sequence_inputs(5, 4, batch_first=False),
+            random_in_training=True,
+        ),
     ]
 }

@@ -128,7 +128,9 @@ class _Setup:
         return lambda: fn(self.params, self.buffers, x)
 
     def baddbmm(self) -> Callable[[], torch.Tensor]:
-        layers = [(self.params[f"{i}.weight"].detach().mT, self.params[f"{i}.bias"].detach().unsqueeze(1)) for i in (0, 2, 4)]
+        layers = [
+            (self.params[f"{i}.weight"].detach().mT, self.params[f"{i}.bias"].detach().unsqueeze(1)) for i in (0, 2, 4)
+        ]
         members = len(self.models)
 
         def forward() -> torch.Tensor:
@@ -202,7 +204,8 @@ def inference(device: torch.device, min_run_time: float, use_compile: bool) -> s
             print(f"  inference {config} {'shared' if shared else 'per-member'} done", file=sys.stderr, flush=True)
     return _table(
         "Inference: median time per call; ratios are time/time (below 1 = left side faster)",
-        header, rows,
+        header,
+        rows,
     )
 
 
@@ -233,12 +236,20 @@ def training(device: torch.device, min_run_time: float) -> str:
 
             t_loop = measure(loop_step, device=device, min_run_time=min_run_time)
             t_ens = measure(ensemble_step, device=device, min_run_time=min_run_time)
-            rows.append([*map(str, config), "shared" if shared else "per-member",
-                         format_seconds(t_loop.median), format_seconds(t_ens.median), _ratio(t_loop, t_ens)])
+            rows.append(
+                [
+                    *map(str, config),
+                    "shared" if shared else "per-member",
+                    format_seconds(t_loop.median),
+                    format_seconds(t_ens.median),
+                    _ratio(t_loop, t_ens),
+                ]
+            )
             print(f"  training {config} {'shared' if shared else 'per-member'} done", file=sys.stderr, flush=True)
     return _table(
         f"Training step (forward + backward + Adam{'(fused=True)' if fused else ''}): median time per step",
-        header, rows,
+        header,
+        rows,
     )
 
 
@@ -294,7 +305,9 @@ def initialization(device: torch.device, members: int = 1000, repeats: int = 3) 
         for _ in range(repeats):
             out = subprocess.run(
                 [sys.executable, "-m", "ensembling.bench", "--init-child", method, str(members), str(device)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         results[method] = {
@@ -315,7 +328,8 @@ def initialization(device: torch.device, members: int = 1000, repeats: int = 3) 
     return _table(
         f"Initialization of {members} members of 784-128-128-10, {stacked / 2**20:.0f} MiB of "
         f"parameters (best of {repeats} fresh processes)",
-        ["method", "time", where], rows,
+        ["method", "time", where],
+        rows,
     )
 
 
@@ -383,14 +397,15 @@ def distributed(min_run_time: float) -> str:
             results = launch(bench._distributed_worker, world, config, min_run_time, timeout_s=120)
             slowest = {k: max(r[k] for r in results) for k in ("infer", "step")}  # a step ends with the slowest rank
             base = base or slowest
-            rows.append([*map(str, config), str(world), str(results[0]["threads"]),
-                         format_seconds(slowest["infer"]), format_seconds(slowest["step"]),
-                         f"{base['infer'] / slowest['infer']:.2f}x", f"{base['step'] / slowest['step']:.2f}x"])  # fmt: skip
+            speedups = [f"{base['infer'] / slowest['infer']:.2f}x", f"{base['step'] / slowest['step']:.2f}x"]
+            times = [format_seconds(slowest["infer"]), format_seconds(slowest["step"])]
+            rows.append([*map(str, config), str(world), str(results[0]["threads"]), *times, *speedups])
             print(f"  distributed {config} x{world} done", file=sys.stderr, flush=True)
     return _table(
         "Sharded ensemble (gloo, local processes, the machine's cores split between them): "
         "median time per call of the slowest rank; speedup over 1 process",
-        header, rows,
+        header,
+        rows,
     )
 
 

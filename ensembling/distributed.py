@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ._ensemble import Ensemble
 from ._errors import EnsembleError
@@ -72,7 +72,7 @@ def shard_members(num_members: int, world_size: int, rank: int) -> range:
     >>> shard_members(2, 3, 0)
     Traceback (most recent call last):
     ...
-    ensembling.EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s) without members; use at most 2 processes (or more members).
+    ensembling.EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s) without members; ...
     """
     if world_size > num_members:
         raise EnsembleError(
@@ -154,7 +154,8 @@ class ShardedEnsemble(nn.Module):
         return self.num_members
 
     def extra_repr(self) -> str:
-        return f"rank {self.rank} of {self.world_size}: members {self.members.start}..{self.members.stop - 1} of {self.num_members}"
+        first, last = self.members.start, self.members.stop - 1
+        return f"rank {self.rank} of {self.world_size}: members {first}..{last} of {self.num_members}"
 
     def local_inputs(self, x: Tensor) -> Tensor:
         """This rank's rows of a per-member input ``x`` of shape ``[num_members, ...]``."""
@@ -220,7 +221,9 @@ class ShardedEnsemble(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a :mod:`torch.distributed.checkpoint` directory; every rank writes its members."""
-        _collective("save", self.rank, lambda: dcp.save(self._member_state(), checkpoint_id=path, process_group=self.group))
+        _collective(
+            "save", self.rank, lambda: dcp.save(self._member_state(), checkpoint_id=path, process_group=self.group)
+        )
 
     def load(self, path: str | os.PathLike) -> None:
         """Load this rank's members from a checkpoint saved with any number of ranks."""

@@ -27,7 +27,6 @@ from ._errors import EnsembleError
 __all__ = ["launch"]
 
 
-
 def _worker(rank: int, world_size: int, store: str, timeout_s: float, fn: Callable, args: tuple, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     outcome: tuple[str, Any]
@@ -133,7 +132,10 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float
         results, errors = [], []
         for r, out in enumerate(outs):
             if not Path(out).exists():
-                errors.append(f"rank {r}: no result ({'killed after the deadline' if r in hung else f'exit code {procs[r].exitcode}'})")
+                errors.append(
+                    f"rank {r}: no result "
+                    f"({'killed after the deadline' if r in hung else f'exit code {procs[r].exitcode}'})"
+                )
                 results.append(None)
                 continue
             with open(out, "rb") as handle:

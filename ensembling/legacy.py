@@ -113,9 +113,7 @@ def combine_state_for_ensemble(
     models = check_members(models, "combine_state_for_ensemble", requires_grad=False)
     param_names = tuple(name for name, _ in models[0].named_parameters())
     buffer_names = tuple(name for name, _ in models[0].named_buffers())
-    params = tuple(
-        torch.stack([m.get_parameter(name) for m in models]).detach() for name in param_names
-    )
+    params = tuple(torch.stack([m.get_parameter(name) for m in models]).detach() for name in param_names)
     buffers = tuple(torch.stack([m.get_buffer(name) for m in models]).detach() for name in buffer_names)
     stateless = meta_copy(models[0])
     return FunctionalModuleWithBuffers(stateless, param_names, buffer_names), params, buffers

@@ -131,7 +131,9 @@ def test_more_ranks_than_members_is_a_clear_error_on_every_rank() -> None:
     with pytest.raises(EnsembleError) as info:
         launch(too_many_ranks_worker, 3, timeout_s=TIMEOUT_S)
     for rank in range(3):
-        assert f"rank {rank}: EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s)" in str(info.value)
+        assert f"rank {rank}: EnsembleError: shard_members: 3 ranks for 2 members would leave 1 rank(s)" in str(
+            info.value
+        )
 
 
 def test_a_failing_rank_gives_a_clear_error_on_the_others_not_a_hang() -> None:

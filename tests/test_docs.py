@@ -13,7 +13,9 @@ import ensembling.tutorial
 
 PUBLIC = [getattr(ensembling, name) for name in ensembling.__all__ if callable(getattr(ensembling, name))]
 PUBLIC += [ensembling.legacy.combine_state_for_ensemble]
-PUBLIC += [getattr(ensembling.tutorial, n) for n in ensembling.tutorial.__all__ if callable(getattr(ensembling.tutorial, n))]
+PUBLIC += [
+    getattr(ensembling.tutorial, n) for n in ensembling.tutorial.__all__ if callable(getattr(ensembling.tutorial, n))
+]
 METHODS = [ensembling.Ensemble.from_modules, ensembling.Ensemble.forward]
 
 

@@ -68,6 +68,8 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "batchnorm": WithBatchNorm,
     "dropout": lambda: nn.Sequential(nn.Linear(12, 16), nn.Dropout(0.5), nn.Linear(16, 5), nn.Sigmoid()),
 }
+
+
 def inputs(kind: str, *lead: int) -> torch.Tensor:
     features = 36 if kind == "cnn" else 12
     return torch.randn(*lead, features)
@@ -160,6 +162,7 @@ def test_vectorized_init_uses_each_layers_own_fan_in(factory, name: str, bound: 
 
 def test_vectorized_init_matches_the_factorys_distribution_for_every_layer_kind() -> None:
     """Embedding ~ N(0, 1), LayerNorm = ones/zeros, BatchNorm stats reset, attention re-drawn per member."""
+
     def factory() -> nn.Module:
         return nn.ModuleDict({
             "emb": nn.Embedding(500, 16), "ln": nn.LayerNorm(16), "bn": nn.BatchNorm1d(16),
@@ -506,7 +509,9 @@ def test_load_state_dict_rejects_wrong_member_count_and_shapes() -> None:
     """A checkpoint of another size or architecture is refused before anything is copied."""
     ens = Ensemble(MLP, 4)
     before = ens.stacked.fc1.weight.detach().clone()
-    with pytest.raises(EnsembleError, match=r"'stacked.fc1.weight' holds 3 members in the checkpoint, but this ensemble has 4"):
+    with pytest.raises(
+        EnsembleError, match=r"'stacked.fc1.weight' holds 3 members in the checkpoint, but this ensemble has 4"
+    ):
         ens.load_state_dict(Ensemble(MLP, 3).state_dict())
     with pytest.raises(EnsembleError, match=r"'stacked.fc1.weight' has member shape \[16, 10\]"):
         ens.load_state_dict(Ensemble(lambda: MLP(in_features=10), 4).state_dict())
@@ -619,8 +624,14 @@ def test_gradient_norm_clipping_on_stacked_tensors_breaks_the_equivalence() -> N
         (nn.Linear(2, 2), r"got a single Linear, not a list"),
         ([nn.Linear(2, 2), {"weight": 1}], r"member 1 is a dict, not an nn.Module"),
         ([nn.Linear(2, 2), MLP()], r"member 1 is a MLP, but member 0 is a Linear"),
-        ([MLP(), MLP(hidden=8)], r"parameter 'fc1.weight' of member 1 has shape \[8, 12\], but member 0's has \[16, 12\]"),
-        ([MLP(), MLP().double()], r"parameter 'fc1.weight' of member 1 has dtype torch.float64.*model.to\(torch.float32\)"),
+        (
+            [MLP(), MLP(hidden=8)],
+            r"parameter 'fc1.weight' of member 1 has shape \[8, 12\], but member 0's has \[16, 12\]",
+        ),
+        (
+            [MLP(), MLP().double()],
+            r"parameter 'fc1.weight' of member 1 has dtype torch.float64.*model.to\(torch.float32\)",
+        ),
         ([MLP(), MLP().to("meta")], r"parameter 'fc1.weight' of member 1 has device meta.*model.to\('cpu'\)"),
         ([MLP(), MLP().eval()], r"member 1 is in eval mode but member 0 is in train mode"),
         ([MLP(), MLP().requires_grad_(False)], r"parameter 'fc1.weight' of member 1 has requires_grad=False"),

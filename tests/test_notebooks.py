@@ -124,9 +124,24 @@ def _run_nbval(notebook: Path) -> subprocess.CompletedProcess[str]:
     (which configures nbval) is loaded explicitly as a plugin.
     """
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "-q", "-p", "no:cacheprovider",
-         "-p", "conftest", "--rootdir", str(ROOT), str(notebook)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbval",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "conftest",
+            "--rootdir",
+            str(ROOT),
+            str(notebook),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
 
@@ -229,7 +244,11 @@ def test_notebooks_pass_on_a_reader_machine_with_other_settings(tmp_path: Path) 
     env = {**os.environ, "MPLBACKEND": "Agg", "MATPLOTLIBRC": str(tmp_path), "PYTHONWARNINGS": "always"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval", "-q", "-p", "no:cacheprovider", str(ROOT / "notebooks")],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 

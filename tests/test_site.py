@@ -22,7 +22,11 @@ needs_site = pytest.mark.skipif(not (SITE / "index.html").exists(), reason="the 
 
 
 @needs_site
-@pytest.mark.parametrize("page", [p for p in PAGES if "_static" not in p.parts and "_modules" not in p.parts], ids=lambda p: str(p.relative_to(SITE)))
+@pytest.mark.parametrize(
+    "page",
+    [p for p in PAGES if "_static" not in p.parts and "_modules" not in p.parts],
+    ids=lambda p: str(p.relative_to(SITE)),
+)
 def test_pages_load_nothing_from_the_network(page: Path) -> None:
     """Scripts, stylesheets and images are local files: the site (MathJax included) works offline."""
     html = page.read_text(encoding="utf-8")
@@ -36,7 +40,9 @@ def test_pages_load_nothing_from_the_network(page: Path) -> None:
 def test_math_renders_with_the_bundled_mathjax() -> None:
     """The page with equations loads MathJax from _static, and the file is there."""
     page = SITE / "tutorials" / "2_in_practice" / "plot_05_uncertainty.html"
-    sources = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page.read_text(encoding="utf-8"), flags=re.IGNORECASE)
+    sources = re.findall(
+        r'<script[^>]*src="([^"]*mathjax[^"]*)"', page.read_text(encoding="utf-8"), flags=re.IGNORECASE
+    )
     assert sources, "no MathJax script on the page with math"
     for source in sources:
         assert (page.parent / source.split("?")[0]).resolve().is_file(), source
@@ -65,7 +71,9 @@ def test_api_has_a_page_per_object_with_the_tutorials_using_it() -> None:
 
 
 @needs_site
-@pytest.mark.parametrize("page", sorted((SITE / "generated").glob("*.html")) if SITE.exists() else [], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "page", sorted((SITE / "generated").glob("*.html")) if SITE.exists() else [], ids=lambda p: p.stem
+)
 def test_api_pages_hide_internals(page: Path) -> None:
     """No private constructor argument, no torch.nn hook, no docstring inherited from str."""
     text = re.sub(r"<[^>]+>", " ", page.read_text(encoding="utf-8"))

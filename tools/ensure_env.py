@@ -55,14 +55,14 @@ def pip(*args: str) -> None:
 
 def repair_torchvision() -> None:
     """Install tools/torchvision_shim.py when a CUDA torchvision cannot import beside this CPU torch."""
-    probe = subprocess.run(
-        [sys.executable, "-c", "import torchvision"], capture_output=True, text=True, check=False
-    )
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True, check=False)
     if probe.returncode == 0 or "torchvision::nms does not exist" not in probe.stderr:
         return
     site = Path(sysconfig.get_paths()["purelib"])
     shutil.copyfile(ROOT / "tools" / "torchvision_shim.py", site / "_ensembling_torchvision_shim.py")
-    (site / "_ensembling_torchvision_shim.pth").write_text("import _ensembling_torchvision_shim; _ensembling_torchvision_shim.install()\n")
+    (site / "_ensembling_torchvision_shim.pth").write_text(
+        "import _ensembling_torchvision_shim; _ensembling_torchvision_shim.install()\n"
+    )
     print("installed tools/torchvision_shim.py: the CUDA torchvision wheel now imports beside the CPU torch")
 
 

@@ -70,14 +70,10 @@ def convert(script: Path, conf: dict[str, Any] | None = None) -> nbformat.Notebo
     conf = gallery_conf() if conf is None else conf
     _, blocks = parser.split_code_and_text_blocks(str(script))
     # The same steps, in the same order, as sphinx_gallery.gen_rst._clean_script_blocks.
-    blocks = [
-        parser.Block(label, parser.remove_ignore_blocks(content), lineno)
-        for label, content, lineno in blocks
-    ]
+    blocks = [parser.Block(label, parser.remove_ignore_blocks(content), lineno) for label, content, lineno in blocks]
     if conf["remove_config_comments"]:
         blocks = [
-            parser.Block(label, parser.remove_config_comments(content), lineno)
-            for label, content, lineno in blocks
+            parser.Block(label, parser.remove_config_comments(content), lineno) for label, content, lineno in blocks
         ]
     if blocks[-1].content.isspace():
         blocks = blocks[:-1]
@@ -120,9 +116,8 @@ def stale_reason(script: Path, conf: dict[str, Any]) -> str | None:
 
 def execute(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Run every cell in a fresh kernel of this interpreter, from notebooks/."""
-    from nbclient import NotebookClient
-
     import matplotlib.font_manager  # noqa: F401  builds matplotlib's font cache here, not in a cell's stderr
+    from nbclient import NotebookClient
 
     client = NotebookClient(
         notebook,

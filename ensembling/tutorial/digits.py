@@ -23,9 +23,7 @@ from ..distributed import ShardedEnsemble
 __all__ = ["demo_worker", "digits_data", "digits_member", "main", "train_digits"]
 
 
-def digits_data(
-    device: torch.device | str = "cpu", seed: int = 0
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def digits_data(device: torch.device | str = "cpu", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's bundled digits, scaled to [0, 1], with a seeded 80/20 split."""
     from sklearn.datasets import load_digits
 
@@ -67,36 +65,23 @@ def train_digits(
     X_train, y_train, _, _ = digits_data(device)
     generator = torch.Generator().manual_seed(seed)
     half = len(X_train) // 2
-    subsets = torch.stack(
-        [
-            torch.randperm(len(X_train), generator=generator)[:half]
-            for _ in range(num_members)
-        ]
-    )
+    subsets = torch.stack([torch.randperm(len(X_train), generator=generator)[:half] for _ in range(num_members)])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        idx = subsets.gather(
-            1, torch.randint(half, (num_members, batch), generator=generator)
-        ).to(device)
+        idx = subsets.gather(1, torch.randint(half, (num_members, batch), generator=generator)).to(device)
         if isinstance(model, ShardedEnsemble):
             idx = model.local_inputs(idx)
             logits = model.local(X_train[idx], in_dims=0)
         else:
             logits = model(X_train[idx], in_dims=0)
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1), y_train[idx].flatten(), reduction="none"
-        )
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none")
         optimizer.zero_grad()
-        loss.view(idx.shape).mean(
-            dim=1
-        ).sum().backward()  # each member's own gradient, no all-reduce
+        loss.view(idx.shape).mean(dim=1).sum().backward()  # each member's own gradient, no all-reduce
         optimizer.step()
     return model
 
 
-def demo_worker(
-    rank: int, world_size: int, num_members: int, steps: int, seed: int
-) -> dict[str, Any]:
+def demo_worker(rank: int, world_size: int, num_members: int, steps: int, seed: int) -> dict[str, Any]:
     """Train a sharded digits ensemble; return the gathered test predictions and timings (for :func:`launch`)."""
     sharded = ShardedEnsemble(digits_member, num_members, seed=seed)
     start = time.perf_counter()
@@ -126,18 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--timeout", type=float, default=120.0, help="collective timeout, seconds"
-    )
-    parser.add_argument(
-        "--checkpoint", default=None, help="directory to save the trained ensemble to"
-    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout, seconds")
+    parser.add_argument("--checkpoint", default=None, help="directory to save the trained ensemble to")
     args = parser.parse_args(argv)
 
     if "RANK" not in os.environ:
-        parser.error(
-            "run me under torchrun, e.g. torchrun --nproc-per-node 2 -m ensembling.tutorial.digits"
-        )
+        parser.error("run me under torchrun, e.g. torchrun --nproc-per-node 2 -m ensembling.tutorial.digits")
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -149,18 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        sharded = ShardedEnsemble(
-            digits_member, args.members, seed=args.seed, device=device
-        )
-        print(
-            f"[rank {sharded.rank}] {sharded.extra_repr()}, device {device}", flush=True
-        )
+        sharded = ShardedEnsemble(digits_member, args.members, seed=args.seed, device=device)
+        print(f"[rank {sharded.rank}] {sharded.extra_repr()}, device {device}", flush=True)
         train_digits(sharded, args.members, args.steps, seed=args.seed, device=device)
         _, _, X_test, y_test = digits_data(device)
         sharded.eval()
-        probs = sharded.predict(X_test).softmax(
-            dim=-1
-        )  # [members, test, 10], on every rank
+        probs = sharded.predict(X_test).softmax(dim=-1)  # [members, test, 10], on every rank
         if args.checkpoint:
             sharded.save(args.checkpoint)
         if sharded.rank == 0:

@@ -55,9 +55,7 @@ def plot_timings(
 
     configs = list(results)
     if not configs:
-        raise ValueError(
-            "plot_timings: results is empty; time at least one configuration"
-        )
+        raise ValueError("plot_timings: results is empty; time at least one configuration")
     methods = list(results[configs[0]])
     for config in configs:
         if list(results[config]) != methods:
@@ -66,14 +64,10 @@ def plot_timings(
                 f"but {configs[0]!r} times {methods}; time the same methods everywhere"
             )
     if baseline not in methods:
-        raise ValueError(
-            f"plot_timings: baseline {baseline!r} is not one of the methods {methods}"
-        )
+        raise ValueError(f"plot_timings: baseline {baseline!r} is not one of the methods {methods}")
 
     if ax is None:
-        _, ax = plt.subplots(
-            figsize=(1.6 + 1.9 * len(configs), 3.8), layout="constrained"
-        )
+        _, ax = plt.subplots(figsize=(1.6 + 1.9 * len(configs), 3.8), layout="constrained")
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
         xs = [c + (m - (len(methods) - 1) / 2) * width for c in range(len(configs))]
