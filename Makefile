@@ -49,7 +49,7 @@ example: env
 	GALLERY_PATTERN='/$(NAME)\.py$$' $(PY) -m sphinx -W --keep-going -b html $(SPHINXOPTS) docs docs/_build/html
 
 test: env
-	$(PY) -m pytest --nbval
+	$(PY) -m pytest --nbval --durations=15
 
 lint: env
 	$(PY) -m ruff check .

@@ -6,6 +6,8 @@ directory, so the nbval options live here rather than on the command line.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # environment), not whatever "python3" kernel happens to be registered.
     if not option.nbval_kernel_name:
         option.nbval_current_env = True
+    if getattr(option, "nbval", False):
+        as_on_another_machine()
     build_matplotlib_font_cache()
+
+
+def as_on_another_machine() -> None:
+    """Run the notebook kernels the way a reader's machine may differ from the one that stored the outputs.
+
+    A shell may export ``MPLBACKEND=Agg`` (each notebook's first cell,
+    ``%matplotlib inline``, overrides it), a matplotlibrc may set another figure
+    dpi (figure sizes are sanitized), and ``PYTHONWARNINGS=always`` shows
+    warnings that are otherwise hidden (none may appear). The kernels inherit
+    these; pytest itself is unaffected (it read its warning filters at start).
+    """
+    rc_dir = Path(tempfile.mkdtemp(prefix="ensembling-nbval-rc-"))
+    (rc_dir / "matplotlibrc").write_text("figure.dpi: 150\n")
+    os.environ.update({"MPLBACKEND": "Agg", "MATPLOTLIBRC": str(rc_dir), "PYTHONWARNINGS": "always"})
 
 
 def build_matplotlib_font_cache() -> None:

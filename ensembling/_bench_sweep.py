@@ -20,8 +20,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ._bench_common import mlp, table
 from ._ensemble import Ensemble
 from .optim import AdamW
 from .tutorial.timing import Timing, compare, format_seconds, speedup
@@ -29,16 +29,8 @@ from .tutorial.timing import Timing, compare, format_seconds, speedup
 __all__ = ["run"]
 
 
-def _mlp(in_features: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
-    )
-
-
 def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return [title, line(header), line(["-" * w for w in widths]), *map(line, rows), ""]
+    return table(title, header, rows).split("\n")
 
 
 def _spread(t: Timing) -> str:
@@ -49,7 +41,7 @@ def _training(device: torch.device, configs: int, in_features: int, hidden: int,
     torch.manual_seed(0)
     lrs = torch.logspace(-4, -1, configs)
     wds = torch.linspace(0, 0.1, configs)
-    ens = Ensemble(lambda: _mlp(in_features, hidden), configs).to(device)
+    ens = Ensemble(lambda: mlp(in_features, hidden), configs).to(device)
     opt = AdamW(ens.parameters(), lr=lrs, weight_decay=wds)
     models = [m.to(device) for m in copy.deepcopy(ens).unstack()]
     opts = [
@@ -77,7 +69,7 @@ def _training(device: torch.device, configs: int, in_features: int, hidden: int,
 
 def _optimizer_step(device: torch.device, configs: int, in_features: int, hidden: int, min_run_time: float):
     torch.manual_seed(0)
-    ens = Ensemble(lambda: _mlp(in_features, hidden), configs).to(device)
+    ens = Ensemble(lambda: mlp(in_features, hidden), configs).to(device)
     stacks = {
         name: [p.detach().clone().requires_grad_(True) for p in ens.parameters()]
         for name in ("ours", "foreach", "fused")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bench_common import CustomMLP, mlp, table
 from ._device import tolerances
 from ._ensemble import Ensemble
 from ._loss import ensemble_loss
@@ -43,7 +44,6 @@ def _bench_cnn() -> nn.Sequential:
 def zoo_configs() -> dict[str, tuple[Callable[[], nn.Module], Callable[..., tuple[torch.Tensor, ...]]]]:
     """The zoo section's architectures at benchmark sizes, each with its input maker (see ``_zoo``)."""
     from . import _zoo
-    from .bench import CustomMLP, mlp
 
     def attention_inputs(lead: tuple[int, ...], batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (torch.randn(*lead, batch, 16, 32, generator=gen),) * 3
@@ -134,7 +134,6 @@ def _one(name: str, factory: Callable, make_inputs: Callable, members: int, batc
 
 def zoo(device: torch.device, min_run_time: float, members: tuple[int, ...] = MEMBER_COUNTS, batch: int = 32) -> str:
     """Loop versus Ensemble for real architectures at each member count: a table (see the module docstring)."""
-    from .bench import _table
 
     header = ["architecture", "members", "loop fwd", "Ens fwd", "loop/Ens fwd", "fwd plan",
               "loop step", "Ens step", "loop/Ens step", "step plan"]  # fmt: skip
@@ -143,7 +142,7 @@ def zoo(device: torch.device, min_run_time: float, members: tuple[int, ...] = ME
         for n in members:
             rows.append(_one(name, factory, make_inputs, n, batch, device, min_run_time))
             print(f"  zoo {name} x{n} done", file=sys.stderr, flush=True)
-    return _table(
+    return table(
         f"Real architectures, batch {batch}: a loop of modules vs one Ensemble (forward in eval mode without "
         "grad; training step = forward + backward + Adam); loop/Ens = median of per-round ratios, above 1: "
         "Ensemble faster; plan = what Ensemble ran",

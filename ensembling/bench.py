@@ -50,9 +50,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from ._bench_common import CLASSES, CustomMLP, mlp
+from ._bench_common import table as _table
 from ._bench_zoo import MEMBER_COUNTS, zoo
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
@@ -60,33 +61,6 @@ from ._loss import ensemble_loss
 from .tutorial.timing import Timing, format_seconds, measure
 
 CONFIGS = [(10, 64, 784, 128), (100, 64, 784, 128), (100, 8, 32, 32), (1000, 8, 16, 16)]
-CLASSES = 10
-
-
-def mlp(in_features: int, hidden: int) -> nn.Sequential:
-    """The benchmarked member: Linear-ReLU-Linear-ReLU-Linear, 10 outputs."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.ReLU(),
-        nn.Linear(hidden, CLASSES),
-    )  # fmt: skip
-
-
-class CustomMLP(nn.Module):
-    """The benchmarked MLP as a custom class, as in the first tutorial: ``x.flatten(1)``, then ``F.relu``."""
-
-    def __init__(self, seq: nn.Sequential):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = seq[0], seq[2], seq[4]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
-
-
-def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, rows), ""])
 
 
 def _ratio(a: Timing | None, b: Timing | None) -> str:

@@ -23,7 +23,9 @@ def _member() -> nn.Module:
 
 def _setup(n: int = N) -> tuple[Ensemble, list[nn.Module], torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    ens = Ensemble(_member, n, dtype=torch.float64, seed=0)
+    # A forced strategy: "auto" picks the fast path's activation layout by timing, and two
+    # layouts round differently in the last bit, which the exact comparisons here would see.
+    ens = Ensemble(_member, n, dtype=torch.float64, seed=0, strategy="vectorized")
     g = torch.Generator().manual_seed(1)
     X = torch.randn(STEPS, n, 16, 5, generator=g, dtype=torch.float64)
     Y = torch.randn(STEPS, n, 16, 3, generator=g, dtype=torch.float64)
