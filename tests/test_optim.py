@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import ensembling.optim as eopt
-from ensembling import Ensemble, EnsembleError
+from ensembling import Ensemble, EnsembleError, ensemble_loss
 
 N, STEPS = 4, 20
 LR = [0.05, 0.01, 0.002, 0.1]
@@ -32,6 +32,17 @@ def _setup(n: int = N) -> tuple[Ensemble, list[nn.Module], torch.Tensor, torch.T
     return ens, ens.unstack(), X, Y
 
 
+def _step_both(ens: Ensemble, opt: Any, members: list[nn.Module], opts: list[Any], x: Tensor, y: Tensor) -> None:
+    """One training step of the ensemble (per-member inputs x[i]) and of every member alone, on the same data."""
+    opt.zero_grad()
+    ensemble_loss((ens(x, in_dims=0) - y) ** 2).backward()
+    opt.step()
+    for i, (m, o) in enumerate(zip(members, opts)):
+        o.zero_grad()
+        ((m(x[i]) - y[i]) ** 2).mean().backward()
+        o.step()
+
+
 def _member_values(kwargs: dict[str, Any], i: int) -> dict[str, Any]:
     """Member ``i``'s own hyperparameters from per-member keyword arguments."""
     out = {}
@@ -50,13 +61,7 @@ def _train_both(ours: type, theirs: type, kwargs: dict[str, Any], steps: int = S
     opts = [theirs(m.parameters(), **_member_values(kwargs, i)) for i, m in enumerate(members)]
     scheds = [schedule(o, i) for i, o in enumerate([opt, *opts])] if schedule else []
     for t in range(steps):
-        opt.zero_grad()
-        ((ens(X[t], in_dims=0) - Y[t]) ** 2).mean(dim=(1, 2)).sum().backward()
-        opt.step()
-        for i, (m, o) in enumerate(zip(members, opts)):
-            o.zero_grad()
-            ((m(X[t, i]) - Y[t, i]) ** 2).mean().backward()
-            o.step()
+        _step_both(ens, opt, members, opts, X[t], Y[t])
         for s in scheds:
             s.step()
     return ens, members, opt, opts
@@ -158,13 +163,7 @@ def test_param_groups_have_their_own_values() -> None:
     opt = eopt.AdamW(groups(ens.named_stacked_parameters(), lambda v: v))
     opts = [torch.optim.AdamW(groups(dict(m.named_parameters()), lambda v, i=i: v[i])) for i, m in enumerate(members)]
     for t in range(STEPS):
-        opt.zero_grad()
-        ((ens(X[t], in_dims=0) - Y[t]) ** 2).mean(dim=(1, 2)).sum().backward()
-        opt.step()
-        for i, (m, o) in enumerate(zip(members, opts)):
-            o.zero_grad()
-            ((m(X[t, i]) - Y[t, i]) ** 2).mean().backward()
-            o.step()
+        _step_both(ens, opt, members, opts, X[t], Y[t])
     _assert_members_equal(ens, members)
 
 
