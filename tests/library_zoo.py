@@ -11,17 +11,20 @@ CUDA build: beside the CPU torch its compiled ops (``_C.so``, linked to
 unguarded ``register_fake("torchvision::nms" / "qnms")`` calls, which raise
 ``operator torchvision::nms does not exist`` and make ``import torchvision`` -- and
 so ``import timm`` and transformers' model modules, which import it -- fail.
-:func:`import_torchvision` defines those two operator schemas (no kernels) when, and
-only when, that exact failure happens, then imports again. The models used here are
-pure Python and never call the detection operators.
+``make`` installs ``tools/torchvision_shim.py``, which defines those two operator
+schemas (no kernels) before the first import; :func:`import_torchvision` applies the
+same shim where an environment was set up without it. The models used here are pure
+Python and never call the detection operators.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,15 +39,15 @@ SEQ = 8
 BATCH = 2
 IMAGE = 32
 CLASSES = 10
-_NMS_SCHEMAS = (
-    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-)
-_keep: list[Any] = []  # the torch.library fragment must outlive the import
 
 
 def import_torchvision() -> Any:
-    """``import torchvision``, working around a CUDA wheel beside a CPU torch; None if absent."""
+    """``import torchvision``; None if absent.
+
+    ``make`` installs ``tools/torchvision_shim.py`` into an environment where PyPI's
+    CUDA torchvision cannot import beside the CPU torch. In an environment set up
+    some other way that same shim is applied here, on that exact failure.
+    """
     try:
         import torchvision
     except ImportError:
@@ -54,10 +57,11 @@ def import_torchvision() -> Any:
             raise
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        for schema in _NMS_SCHEMAS:
-            lib.define(schema)
-        _keep.append(lib)
+        path = Path(__file__).resolve().parent.parent / "tools" / "torchvision_shim.py"
+        spec = importlib.util.spec_from_file_location("_ensembling_torchvision_shim", path)
+        shim = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shim)
+        shim.install()
         import torchvision
     return torchvision
 
