@@ -271,6 +271,16 @@ for name, ens in ensembles.items():
         print_measured(f"  {verdict(t['Ensemble'], t['loop'], y_name='the loop')}")
 
 # %%
+# Off the fast path, an ensemble's first calls with a new input signature
+# alternate two strategies and keep the faster for that signature:
+# ``vectorized`` (``vmap`` with the stand-ins) or ``loop`` (the members back to
+# back through torch's own fused kernels). :meth:`~ensembling.Ensemble.plan`
+# shows what was measured and chosen on this machine:
+for name, ens in ensembles.items():
+    for line in ens.plan().splitlines():
+        print_measured(line)
+
+# %%
 # Bars above 1 mean the ensemble is faster than the loop; each bar is the
 # median over the rounds, its thin line the range of the middle 80% of them.
 ratios = {
@@ -327,8 +337,11 @@ print_measured(
 #
 # The LSTM is a special case. In the loop, each member runs the whole
 # sequence in one fused kernel (cuDNN on NVIDIA GPUs, oneDNN on most CPUs).
-# The ensemble takes one time step at a time, ``24 x 2`` steps of about ten
-# batched operations each. To cut that per-step overhead, you can try
+# Run ``vectorized``, the ensemble takes one time step at a time, ``24 x 2``
+# steps of about ten batched operations each; where that measures slower, the
+# plan above shows ``loop``: the members then run torch's fused kernel one
+# after another, and the remaining cost is the per-member call and stacking
+# the outputs. To cut the vectorized per-step overhead, you can try
 # ``torch.compile(ens)`` with its default backend and time it as above (advice,
 # not measured on this page; the compile check above used the ``"eager"``
 # backend); ``python -m ensembling.bench --sections zoo`` measures more
@@ -340,8 +353,10 @@ print_measured(
 #   and RNNs (no batching rule for their fused kernels), and on transformer
 #   layers it fails in eval mode or silently loops over members, depending on
 #   the device.
-# * ``Ensemble`` runs them with vectorized stand-ins, with the loop's outputs,
-#   running statistics and gradients, as the checks above assert; the members
+# * ``Ensemble`` runs them with vectorized stand-ins (or, where that measures
+#   slower, one member after another through torch's own kernels: see
+#   ``plan()``), with the loop's outputs, running statistics and gradients, as
+#   the checks above assert; the members
 #   you get back with ``ens[i]`` or ``unstack()`` are the ordinary modules.
 # * ``torch.compile(..., fullgraph=True)`` captured each ensemble's eval-mode
 #   forward as one graph (checked with the ``"eager"`` backend; inductor,
