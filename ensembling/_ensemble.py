@@ -308,7 +308,7 @@ class Ensemble(nn.Module):
         # for the layers vmap cannot batch (see _layers.py). _template stays
         # untouched, for building ordinary member modules.
         object.__setattr__(self, "_runner", make_runner(template))
-        self._vmap = VmapRunner(self._runner)
+        self._vmap = VmapRunner(self._runner, self._state.aliases, [slot.name for slot in self._state.buffer_slots])
         self._fast = FastPath.plan(template, self._state)
         self.train(prototype.training)
 

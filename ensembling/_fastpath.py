@@ -306,8 +306,25 @@ def _traced_step(template: nn.Module, node: torch.fx.Node, sizes: dict, reads_si
     return None
 
 
-def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, pending: bool, transposed: bool) -> Tensor:
+@dataclass(frozen=True)
+class _Operands:
+    """One Linear step's stacked tensors, and the views its batched product takes."""
+
+    weight: Tensor  # [members, out, in]
+    bias: Tensor | None  # [members, out]
+    product_weight: Tensor  # weight.mT ([members, in, out]), or the weight itself when transposed
+    product_bias: Tensor | None  # bias as [members, 1, out], or [members, out, 1] when transposed
+
+
+def _operands(weight: Tensor, bias: Tensor | None, transposed: bool) -> _Operands:
+    if transposed:
+        return _Operands(weight, bias, weight, None if bias is None else bias.unsqueeze(2))
+    return _Operands(weight, bias, weight.mT, None if bias is None else bias.unsqueeze(1))
+
+
+def _linear(h: Tensor, ops: _Operands, pending: bool, transposed: bool) -> Tensor:
     """One Linear layer for every member; ``pending``: ``h`` is still one input shared by all."""
+    weight, bias = ops.weight, ops.bias
     n = weight.shape[0]
     if pending and transposed:
         # One large product for all members: [n * out, in] @ [in, rows].
@@ -315,9 +332,9 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None, pending: bool, trans
         h = torch.mm(flat, h[0]) if bias is None else torch.addmm(bias.reshape(-1, 1), flat, h[0])
         return h.view(n, weight.shape[1], -1)
     if transposed:
-        return torch.bmm(weight, h) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, h)
+        return torch.bmm(weight, h) if bias is None else torch.baddbmm(ops.product_bias, weight, h)
     h = h.expand(n, -1, -1) if pending else h
-    return torch.bmm(h, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+    return torch.bmm(h, ops.product_weight) if bias is None else torch.baddbmm(ops.product_bias, h, ops.product_weight)
 
 
 def _reshape(h: Tensor, step: ReshapeStep, lead: tuple[int, ...], transposed: bool) -> tuple[Tensor, tuple[int, ...]]:
@@ -358,6 +375,8 @@ class FastPath:
 
     def __init__(self, steps: list[Step]) -> None:
         self.steps = steps
+        self.linears = [step for step in steps if isinstance(step, LinearStep)]
+        self.kept: tuple[Any, list[_Operands]] | None = None  # operands of calls without autograd, and their key
         # Above about a million elements per stacked weight, copying a transposed
         # gradient (and allocating fresh memory for it every step) costs more than
         # the transposed layout's slightly slower small products; see run().
@@ -403,6 +422,7 @@ class FastPath:
         """
         if x.dim() == 0:
             raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
+        operands = iter(self.operands(transposed))
         lead = tuple(x.shape[:-1] if shared else x.shape[1:-1])  # one member's activation: [*lead, features]
         rows = x.reshape(1 if shared else n, -1, x.shape[-1])
         h = rows.mT if transposed else rows
@@ -410,15 +430,14 @@ class FastPath:
         fresh = False  # may h be modified in place (is it our own intermediate, not the input)?
         for step in self.steps:
             if isinstance(step, LinearStep):
-                weight = step.weight.get()
+                ops = next(operands)
                 features = h.shape[1] if transposed else h.shape[2]
-                if features != weight.shape[2]:
+                if features != ops.weight.shape[2]:
                     raise EnsembleError(
-                        f"Ensemble: layer {step.name!r} expects {weight.shape[2]} input features, got "
+                        f"Ensemble: layer {step.name!r} expects {ops.weight.shape[2]} input features, got "
                         f"{features} (input shape {list(x.shape)})."
                     )
-                bias = None if step.bias is None else step.bias.get()
-                h, pending, fresh = _linear(h, weight, bias, pending, transposed), False, True
+                h, pending, fresh = _linear(h, ops, pending, transposed), False, True
             elif isinstance(step, ReshapeStep):
                 h, lead = _reshape(h, step, lead, transposed)
             elif isinstance(step, DropoutStep):
@@ -433,4 +452,26 @@ class FastPath:
                 h, fresh = step.fn(h), True
         if transposed:
             h = h.mT.contiguous()
-        return h.reshape(n, *lead, h.shape[-1])
+        return h if h.shape[1:-1] == lead else h.reshape(n, *lead, h.shape[-1])
+
+    def operands(self, transposed: bool) -> list[_Operands]:
+        """Each Linear step's tensors and product views; kept between calls that autograd does not record.
+
+        The kept views follow in-place changes of the stacked tensors (an
+        optimizer step, ``load_state_dict``); they are made again when a stacked
+        tensor is replaced (``.to()``, ``load_state_dict(assign=True)``).
+        """
+        pairs = [(s.weight.get(), None if s.bias is None else s.bias.get()) for s in self.linears]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return [_operands(w, b, transposed) for w, b in pairs]
+        key = (transposed, torch.is_inference_mode_enabled(), *(_identity(t) for pair in pairs for t in pair))
+        if self.kept is None or self.kept[0] != key:
+            self.kept = (key, [_operands(w, b, transposed) for w, b in pairs])
+        return self.kept[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "kept": None}  # views of this ensemble's tensors: copies make their own
+
+
+def _identity(t: Tensor | None) -> Any:
+    return None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype)

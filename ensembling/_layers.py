@@ -199,6 +199,8 @@ def embedding_forward(module: nn.Embedding, input: Tensor) -> Tensor:
     and exactly no gradient for the padding row of any member.
     """
     out = F.embedding(input, module.weight, None, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    if not torch.is_grad_enabled():
+        return out  # no gradient to keep out: the plain lookup
     padding = (input == module.padding_idx).unsqueeze(-1)
     return torch.where(padding, out.detach(), out)
 

@@ -31,14 +31,15 @@ class _Stack(nn.Module):
 
 @dataclass(frozen=True)
 class Slot:
-    """Where one stacked tensor lives: ``getattr(container, attr)`` (read at each use: ``.to()`` replaces it)."""
+    """Where one stacked tensor lives: ``container.<table>[attr]`` (read at each use: ``.to()`` replaces it)."""
 
     name: str  # the member's dotted name, e.g. "fc1.weight"
     container: nn.Module
     attr: str
+    table: str = "_parameters"  # or "_buffers"
 
     def get(self) -> Tensor:
-        return getattr(self.container, self.attr)
+        return self.container.__dict__[self.table][self.attr]  # a dictionary read, not Module.__getattr__
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -101,7 +102,7 @@ class StackedState:
         for name, value in buffers.items():
             container, attr = _container(self.module, name)
             container.register_buffer(attr, value.detach(), persistent=name in persistent)
-            self.buffer_slots.append(Slot(name, container, attr))
+            self.buffer_slots.append(Slot(name, container, attr, "_buffers"))
         # Tied parameters are stored once, under their first name; these are all their names.
         self.aliases = {
             slot.name: [
@@ -118,10 +119,10 @@ class StackedState:
         return {slot.name: slot.get() for slot in self.buffer_slots}
 
     def num_members(self) -> int:
-        return int(next(iter([*self.params().values(), *self.buffers().values()])).shape[0])
+        return int((self.param_slots or self.buffer_slots)[0].get().shape[0])
 
     def device(self) -> torch.device:
-        return next(iter([*self.params().values(), *self.buffers().values()])).device
+        return (self.param_slots or self.buffer_slots)[0].get().device
 
     def member(self, template: nn.Module, index: int) -> nn.Module:
         """Member ``index`` as an ordinary module: a copy of ``template`` holding clones of its slices."""

@@ -40,7 +40,9 @@ from ._device import synchronize
 from ._errors import EnsembleError
 from ._state import owner
 
-__all__ = ["Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy"]
+__all__ = [
+    "Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "stack_outputs",
+]  # fmt: skip
 
 _WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -53,7 +55,7 @@ def _slice(value: Any, dim: Any, index: int) -> Any:
     return tree_map(lambda t: t.select(dim, index) if isinstance(t, Tensor) else t, value)
 
 
-def _stack(outputs: list[Any]) -> Any:
+def stack_outputs(outputs: list[Any]) -> Any:
     """The members' outputs as one: every tensor leaf stacked along a new leading member dimension."""
     if isinstance(outputs[0], Tensor):
         return torch.stack(outputs)
@@ -72,22 +74,61 @@ class Shells:
     Pointing a copy's ``_parameters`` / ``_buffers`` entries at member ``i``'s
     views is a dictionary assignment per tensor, where
     :func:`torch.func.functional_call` re-registers every tensor on every call
-    (about a millisecond per member for a small transformer).
+    (about a millisecond per member for a small transformer). Without autograd
+    the views stay bound between calls: they are made again only when a
+    stacked tensor was replaced (``.to()``, ``load_state_dict(assign=True)``),
+    so a steady no-grad call costs what the plain loop costs. With autograd,
+    each call binds fresh views, so gradients reach the stacked parameters.
     """
 
     def __init__(self, template: nn.Module, aliases: dict[str, list[str]], buffers: list[str], n: int) -> None:
-        self.template = template
+        self.template, self.aliases, self.buffer_names = template, aliases, buffers
         self.modules = [copy.deepcopy(template) for _ in range(n)]
-        where = [{name: [owner(m, a) for a in names] for name, names in aliases.items()} for m in self.modules]
-        self.params = where
+        self.params = [{name: [owner(m, a) for a in names] for name, names in aliases.items()} for m in self.modules]
         self.buffers = [{name: owner(m, name) for name in buffers} for m in self.modules]
         self.rnns = [[r for r in m.modules() if isinstance(r, nn.RNNBase)] for m in self.modules]
+        self.bound: tuple[Any, ...] | None = None  # which stacked tensors the no-grad views were made of
 
-    def run(self, i: int, params: dict[str, Tensor], buffers: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
-        """Member ``i``'s forward on its views ``params`` / ``buffers``; the copy holds its meta tensors again after."""
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copies and pickles start unbound: the views belong to this ensemble's tensors (and its autograd graph).
+        return (Shells, (self.template, self.aliases, self.buffer_names, len(self.modules)))
+
+    def bind(self, params: dict[str, Tensor], buffers: dict[str, Tensor], keep: bool) -> None:
+        """Point every copy at its member's views of ``params`` / ``buffers``; ``keep``: views for later calls too."""
+        if keep:
+            tensors = (*params.values(), *buffers.values())
+            key = (torch.is_inference_mode_enabled(), *((id(t), t.data_ptr(), t.shape, t.dtype) for t in tensors))
+            if key == self.bound:
+                return
+        self.bound = None
+        with torch.set_grad_enabled(not keep and torch.is_grad_enabled()):
+            member_params = {name: t.unbind(0) for name, t in params.items()}  # one UnbindBackward per tensor
+            member_buffers = {name: t.unbind(0) for name, t in buffers.items()}  # views: updates reach the stack
+        for i, module in enumerate(self.modules):
+            for name, views in member_params.items():
+                for container, attr in self.params[i][name]:
+                    container._parameters[attr] = views[i]  # type: ignore[assignment]
+            for name, views in member_buffers.items():
+                container, attr = self.buffers[i][name]
+                container._buffers[attr] = views[i]
+            for rnn in self.rnns[i]:  # what RNNBase.__setattr__ would keep up to date
+                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+        if keep:
+            self.bound = key
+
+    def run(self, i: int, args: tuple, kwargs: dict) -> Any:
+        """Member ``i``'s forward on the views bound last."""
         module = self.modules[i]
         if module.training != self.template.training:
             module.train(self.template.training)
+        return module(*args, **kwargs)
+
+    def run_traced(self, i: int, params: dict[str, Tensor], buffers: dict[str, Tensor], args: tuple, kwargs: dict):
+        """As :meth:`run` on views given for this call, the copy holding its previous tensors again after.
+
+        The form :func:`torch.compile` traces: no identity checks, no state left behind.
+        """
+        module = self.modules[i]
         saved = []
         try:
             for name, view in params.items():
@@ -98,7 +139,7 @@ class Shells:
                 container, attr = self.buffers[i][name]
                 saved.append((container._buffers, attr, container._buffers[attr]))
                 container._buffers[attr] = view
-            for rnn in self.rnns[i]:  # what RNNBase.__setattr__ would keep up to date
+            for rnn in self.rnns[i]:
                 rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
             return module(*args, **kwargs)
         finally:
@@ -122,15 +163,27 @@ def loop_forward(
     ``params`` / ``buffers`` map the member's names to stacked ``[members, ...]`` tensors;
     ``dims`` / ``kw_dims`` say which inputs are split (an int: the member's slice along that dimension).
     """
-    member_params = {name: t.unbind(0) for name, t in params.items()}  # one UnbindBackward: one stack in backward
-    member_buffers = {name: t.unbind(0) for name, t in buffers.items()}  # views: in-place updates reach the stack
+    n = len(shells.modules)
+    if torch.compiler.is_compiling():
+        member_params = {name: t.unbind(0) for name, t in params.items()}
+        member_buffers = {name: t.unbind(0) for name, t in buffers.items()}
+        outputs = []
+        for i in range(n):
+            member_args = tuple(_slice(a, d, i) for a, d in zip(args, dims))
+            member_kwargs = {k: _slice(v, kw_dims.get(k), i) for k, v in kwargs.items()}
+            views = ({k: v[i] for k, v in member_params.items()}, {k: v[i] for k, v in member_buffers.items()})
+            outputs.append(shells.run_traced(i, *views, member_args, member_kwargs))
+        return stack_outputs(outputs)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in params.values())
+    shells.bind(params, buffers, keep=not grad)
+    if not kwargs and all(d is None for d in dims):  # shared positional inputs: the plain loop
+        return stack_outputs([shells.run(i, args, kwargs) for i in range(n)])
     outputs = []
-    for i in range(len(shells.modules)):
+    for i in range(n):
         member_args = tuple(_slice(a, d, i) for a, d in zip(args, dims))
         member_kwargs = {k: _slice(v, kw_dims.get(k), i) for k, v in kwargs.items()}
-        views = ({k: v[i] for k, v in member_params.items()}, {k: v[i] for k, v in member_buffers.items()})
-        outputs.append(shells.run(i, *views, member_args, member_kwargs))
-    return _stack(outputs)
+        outputs.append(shells.run(i, member_args, member_kwargs))
+    return stack_outputs(outputs)
 
 
 def _loopable(args: tuple[Any, ...], kwargs: dict[str, Any], dims: tuple[Any, ...], kw_dims: dict[str, Any]) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -159,3 +161,32 @@ def test_fast_path_training_layout_is_measured_and_gives_the_same_gradients() ->
             torch.testing.assert_close(p.grad, q.grad, **TOL)
     (plan,) = [p for p in fast._planner.plans.values() if p.description.startswith("baddbmm layout")]
     assert plan.choice in ("rows", "transposed") and "baddbmm layout" in fast.plan()
+
+
+def test_loop_strategy_no_grad_views_follow_every_change_of_the_stacked_tensors() -> None:
+    """Without autograd the loop keeps its member views between calls; every way the stacked
+    tensors change (in place, .to(), a loaded checkpoint, assign=True) still reaches the next call."""
+    torch.manual_seed(0)
+    ens = Ensemble(lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 3, strategy="loop").eval()
+    x = torch.randn(5, 3)
+
+    def loop_answer() -> Tensor:
+        return torch.stack([m(x.to(m[0].weight.dtype)) for m in ens.unstack()])
+
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop_answer())
+        ens.stacked.get_submodule("0").weight.mul_(2)  # in place (an optimizer step)
+        torch.testing.assert_close(ens(x), loop_answer())
+        ens.double()  # .to(): the same Parameter objects, new data
+        assert ens(x.double()).dtype == torch.float64
+        torch.testing.assert_close(ens(x.double()), loop_answer())
+        state = {k: v + 1 for k, v in ens.state_dict().items()}
+        ens.load_state_dict(state)  # copied in place
+        torch.testing.assert_close(ens(x.double()), loop_answer())
+        ens.load_state_dict({k: v * 3 for k, v in state.items()}, assign=True)  # new tensor objects
+        torch.testing.assert_close(ens(x.double()), loop_answer())
+    ens.train()
+    ens(x.double()).sum().backward()  # a training call binds views with autograd history
+    copy_ = copy.deepcopy(ens)  # copies start unbound: no non-leaf views to copy
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x.double()), ens(x.double()))
