@@ -5,7 +5,9 @@ and 64 by default): forward in eval mode without grad, and a training step
 (forward, backward, Adam). Loop and ``Ensemble`` are timed in alternating
 rounds by :func:`ensembling.tutorial.compare` (single-threaded, so background
 load falls on both alike), and the ratio loop time / ``Ensemble`` time is the
-median of the per-round ratios (above 1: ``Ensemble`` is faster). The
+median of the per-round ratios (above 1: ``Ensemble`` is faster). The loop's
+forward stacks the members' outputs, as ``Ensemble`` returns them (for large
+outputs the copy is a few percent of a forward pass). The
 ``plan`` columns say what ran: ``baddbmm`` (the fast path), ``vectorized``
 (``vmap``) or ``loop`` (members back to back through torch's own kernels), as
 chosen by ``Ensemble``'s measurement of its first calls (``ens.plan()``),
@@ -25,6 +27,7 @@ from ._bench_common import CustomMLP, mlp, table
 from ._device import tolerances
 from ._ensemble import Ensemble
 from ._loss import ensemble_loss
+from ._strategy import stack_outputs
 from .tutorial.timing import compare, format_seconds, speedup
 
 __all__ = ["MEMBER_COUNTS", "zoo", "zoo_configs"]
@@ -104,7 +107,8 @@ def _one(name: str, factory: Callable, make_inputs: Callable, members: int, batc
         torch.testing.assert_close(_first(ens(*args)), expected, **tol, msg=lambda m: f"{name}: {m}")
         _settle(lambda: ens(*args))
         forward_plan = _latest_choice(ens)
-        fwd = compare({"loop": lambda: [m(*args) for m in models], "Ensemble": lambda: ens(*args)},
+        loop = lambda: stack_outputs([m(*args) for m in models])  # noqa: E731  (Ensemble's output: stacked)
+        fwd = compare({"loop": loop, "Ensemble": lambda: ens(*args)},
                       device=device, min_run_time=min_run_time)  # fmt: skip
     for m in (*models, ens):
         m.train()

@@ -29,8 +29,11 @@ with ratios:
   ``ensembling.optim.AdamW`` step versus torch's foreach ``AdamW`` step.
 
 Every implementation's output is checked against the loop before it is timed.
-Times are medians from :func:`ensembling.tutorial.measure`. Nothing here is asserted:
-the numbers are for reading, and differ between machines.
+The implementations compared in a row are timed together by
+:func:`ensembling.tutorial.compare` (alternating rounds, one thread on the CPU);
+times are medians over the rounds and a ratio is the median of the per-round
+ratios, so background load falls on both sides alike. Nothing here is
+asserted: the numbers are for reading, and differ between machines.
 
 Options: ``--quick`` (shorter timing, no ``torch.compile``), ``--no-compile``,
 ``--sections inference,training,zoo,init,distributed,sweep``, ``--min-run-time SECONDS``.
@@ -58,13 +61,14 @@ from ._bench_zoo import MEMBER_COUNTS, zoo
 from ._device import default_device, synchronize, tolerances
 from ._ensemble import Ensemble
 from ._loss import ensemble_loss
-from .tutorial.timing import Timing, format_seconds, measure
+from .tutorial.timing import Timing, compare, format_seconds, speedup
 
 CONFIGS = [(10, 64, 784, 128), (100, 64, 784, 128), (100, 8, 32, 32), (1000, 8, 16, 16)]
 
 
 def _ratio(a: Timing | None, b: Timing | None) -> str:
-    return "-" if a is None or b is None else f"{a.median / b.median:.2f}"
+    """``a``'s time / ``b``'s: the median of the per-round ratios when both were timed by one ``compare``."""
+    return "-" if a is None or b is None else f"{speedup(b, a).value:.2f}"
 
 
 class _Setup:
@@ -157,16 +161,15 @@ def inference(device: torch.device, min_run_time: float, use_compile: bool) -> s
             if use_compile:
                 compiled = torch.compile(s.ensemble)
                 candidates["compiled"] = lambda c=compiled, x=x, d=in_dims: c(x, in_dims=d)
-            times: dict[str, Timing | None] = {}
+            present = {label: fn for label, fn in candidates.items() if fn is not None}
             with torch.no_grad():
                 expected = s.loop()
                 tol = tolerances(torch.float32, device)
-                for label, fn in candidates.items():
-                    if fn is None:
-                        times[label] = None
-                        continue
+                for label, fn in present.items():
                     torch.testing.assert_close(fn(), expected, **tol, msg=lambda m, label=label: f"{label}: {m}")
-                    times[label] = measure(fn, device=device, label=label, min_run_time=min_run_time)
+                    fn()  # an Ensemble's first calls may still be measuring its plan: settle it first
+                measured = compare(present, device=device, min_run_time=min_run_time)  # alternating rounds
+            times: dict[str, Timing | None] = {label: measured.get(label) for label in candidates}
             best = times["Ens(best)"]
             rows.append([
                 *map(str, config), "shared" if shared else "per-member",
@@ -208,8 +211,10 @@ def training(device: torch.device, min_run_time: float) -> str:
                 ensemble_loss(per_member.view(len(s.models), -1)).backward()
                 ens_opt.step()
 
-            t_loop = measure(loop_step, device=device, min_run_time=min_run_time)
-            t_ens = measure(ensemble_step, device=device, min_run_time=min_run_time)
+            for _ in range(14):  # past the calls the ensemble measures its activation layout over
+                ensemble_step()
+            timed = compare({"loop": loop_step, "Ensemble": ensemble_step}, device=device, min_run_time=min_run_time)
+            t_loop, t_ens = timed["loop"], timed["Ensemble"]
             rows.append(
                 [
                     *map(str, config),

@@ -1,29 +1,25 @@
 """Time the library zoo: loop over 4 members vs ``Ensemble``, forward (eval, no grad) and training step.
 
 Run ``python tests/_library_zoo_timing.py [repeats]`` (needs the zoo extra; not a test). Both
-variants run side by side, interleaved, in one process; the table gives medians and the
-ratio loop/ensemble (>1: the ensemble is faster). Timings on a shared CPU are noisy.
+variants run side by side in alternating rounds (``ensembling.tutorial.compare``, one thread);
+the table gives medians and the median per-round ratio loop/ensemble (>1: the ensemble is faster).
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
+from ensembling.tutorial import compare, speedup
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(12):  # warm-up: vmap, lazy initialization, and the strategy measured on the first calls
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+def timed(loop, ensemble, repeats: int) -> tuple[float, float, float]:
+    """Loop and ensemble in alternating rounds (after warm-up: the strategy is measured on the first calls)."""
+    for _ in range(12):
+        ensemble()
+    t = compare({"loop": loop, "Ensemble": ensemble}, min_run_time=0.05 * repeats, rounds=repeats)
+    return t["loop"].median, t["Ensemble"].median, speedup(t["Ensemble"], t["loop"]).value
 
 
 def main(repeats: int) -> None:
@@ -32,7 +28,7 @@ def main(repeats: int) -> None:
 
     from ensembling import Ensemble
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 4 members, median of {repeats}")
+    print(f"torch {torch.__version__}, 1 thread, 4 members, {repeats} alternating rounds")
     print(
         f"{'model':20s} {'fwd loop':>9s} {'fwd ens':>9s} {'ratio':>6s} {'step loop':>9s} {'step ens':>9s} {'ratio':>6s}"
     )
@@ -44,7 +40,7 @@ def main(repeats: int) -> None:
 
         def fwd_loop() -> None:
             with torch.no_grad():
-                [zm.select(m(*args, **zm.kwargs)) for m in members]
+                torch.stack([zm.select(m(*args, **zm.kwargs)) for m in members])  # as the ensemble returns it
 
         def fwd_ens() -> None:
             with torch.no_grad():
@@ -69,14 +65,13 @@ def main(repeats: int) -> None:
         for m in members:
             m.eval()
         ens.eval()
-        fl, fe = median_seconds(fwd_loop, repeats), median_seconds(fwd_ens, repeats)
+        fl, fe, fr = timed(fwd_loop, fwd_ens, repeats)
         for m in members:
             m.train()
         ens.train()
-        sl, se = median_seconds(step_loop, repeats), median_seconds(step_ens, repeats)
+        sl, se, sr = timed(step_loop, step_ens, repeats)
         print(
-            f"{name:20s} {fl * 1e3:7.1f}ms {fe * 1e3:7.1f}ms {fl / fe:5.2f}x "
-            f"{sl * 1e3:7.1f}ms {se * 1e3:7.1f}ms {sl / se:5.2f}x",
+            f"{name:20s} {fl * 1e3:7.1f}ms {fe * 1e3:7.1f}ms {fr:5.2f}x {sl * 1e3:7.1f}ms {se * 1e3:7.1f}ms {sr:5.2f}x",
             flush=True,
         )
 

@@ -78,14 +78,14 @@ for i, n in enumerate(SIZES):
         xs = torch.randn(n, BATCH, width, device=device)
         with torch.no_grad():
             for kind, loop, vectorized in (
-                ("shared", lambda: [m(x) for m in members], lambda: ens(x)),
+                ("shared", lambda: torch.stack([m(x) for m in members]), lambda: ens(x)),
                 (
                     "per-member",
-                    lambda: [m(xs[k]) for k, m in enumerate(members)],
+                    lambda: torch.stack([m(xs[k]) for k, m in enumerate(members)]),
                     lambda: ens(xs, in_dims=0),
                 ),
             ):
-                torch.testing.assert_close(vectorized(), torch.stack(loop()), **tol)
+                torch.testing.assert_close(vectorized(), loop(), **tol)
                 t = timed(loop=loop, Ensemble=vectorized)
                 ratios[kind][n, width] = speedup(t["Ensemble"], t["loop"])
 speedup_map = {

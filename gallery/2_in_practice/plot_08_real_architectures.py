@@ -231,7 +231,8 @@ print(f"eval-mode forward captured as one graph, same outputs: {', '.join(captur
 # Forward passes in eval mode without gradients, then a full training step:
 # forward, the loss, backward and an Adam step (one optimizer per member for
 # the loop, one for the ensemble, which updates each member exactly as its own
-# optimizer would). The loop and the ensemble are timed in alternation, five
+# optimizer would). The loop's forward stacks its members' outputs, which is
+# what the ensemble returns. The loop and the ensemble are timed in alternation, five
 # rounds each (:func:`ensembling.tutorial.compare`), and each comparison is
 # worded from the spread over the rounds.
 def timed(loop, ensemble) -> dict:
@@ -246,7 +247,7 @@ for name, ens in ensembles.items():
         ens.eval()
         for m in members:
             m.eval()
-        forward = timed(lambda: [m(x) for m in members], lambda: ens(x))
+        forward = timed(lambda: torch.stack([m(x) for m in members]), lambda: ens(x))
     ens.train()
     member_opts = []
     for m in members:
