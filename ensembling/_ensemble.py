@@ -12,7 +12,8 @@ The data flow, and where each part lives::
             |
             v
     forward: options (_options.py) and in_dims checked once, then
-             the fast path (_fastpath.py) or vmap over functional_call (_vmap.py)
+             the fast path (_fastpath.py), or, as measured per input signature
+             (_strategy.py), vmap over the runner (_vmap.py) or the members back to back
             |
             v
     ens[i] / unstack() / state_dict() / load_state_dict()   _state.py
@@ -59,8 +60,11 @@ class Ensemble(nn.Module):
     registered ``nn.Parameter`` / buffer of the ensemble whose leading
     dimension indexes the members (``stacked.fc1.weight`` is
     ``[num_members, 128, 784]`` for ``fc1 = nn.Linear(784, 128)``). Calling the
-    ensemble runs every member with :func:`torch.vmap` over
-    :func:`torch.func.functional_call`, so ``ens.parameters()``, optimizers,
+    ensemble runs every member at once -- batched matrix products for a chain
+    of Linear layers, :func:`torch.vmap` over the architecture holding the
+    stacked state (what :func:`torch.func.functional_call` does) otherwise, or
+    the members back to back through torch's own kernels where that measured
+    faster (see :meth:`~ensembling.Ensemble.plan`) -- so ``ens.parameters()``, optimizers,
     ``state_dict()``, ``.to()``, ``train()`` / ``eval()`` and ``print(ens)``
     behave as for any module.
 

@@ -2,8 +2,8 @@
 
 Two strategies give the loop's answer:
 
-* ``"vectorized"``: one :func:`torch.vmap` over ``functional_call`` of the
-  runner, the architecture with vectorizable stand-ins (``_vmap.py``);
+* ``"vectorized"``: one :func:`torch.vmap` over the runner, the architecture
+  with vectorizable stand-ins, holding the batched state (``_vmap.py``);
 * ``"loop"``: the members one after another through the *original*
   architecture (a copy per member, :class:`Shells`), so each runs torch's
   own fused kernels (oneDNN / cuDNN RNNs, native attention, MKLDNN

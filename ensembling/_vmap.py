@@ -1,4 +1,9 @@
-"""The vmap path: every member's forward as one ``torch.vmap`` over ``functional_call``, and its errors.
+"""The vmap path: every member's forward as one ``torch.vmap`` over the runner, and its errors.
+
+Inside ``vmap`` the runner holds the batched state by one dictionary assignment
+per tensor (:class:`_Places`), the same rebinding ``functional_call`` does
+without its walk over the module tree; under ``torch.compile``,
+``functional_call`` itself, which it traces.
 
 :class:`VmapRunner` checks which inputs are split across members
 (:func:`check_in_dims`: positional and keyword inputs, by index or by name),
