@@ -15,9 +15,17 @@ from ensembling.tutorial import compare, speedup
 
 
 def timed(loop, ensemble, repeats: int) -> tuple[float, float, float]:
-    """Loop and ensemble in alternating rounds (after warm-up: the strategy is measured on the first calls)."""
-    for _ in range(12):
-        ensemble()
+    """Loop and ensemble in alternating rounds (after warm-up: the strategy is measured on the first calls).
+
+    The warm-up runs on one thread, as the timing does, so the strategy is chosen for that setting.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(12):
+            ensemble()
+    finally:
+        torch.set_num_threads(threads)
     t = compare({"loop": loop, "Ensemble": ensemble}, min_run_time=0.05 * repeats, rounds=repeats)
     return t["loop"].median, t["Ensemble"].median, speedup(t["Ensemble"], t["loop"]).value
 
@@ -71,7 +79,8 @@ def main(repeats: int) -> None:
         ens.train()
         sl, se, sr = timed(step_loop, step_ens, repeats)
         print(
-            f"{name:20s} {fl * 1e3:7.1f}ms {fe * 1e3:7.1f}ms {fr:5.2f}x {sl * 1e3:7.1f}ms {se * 1e3:7.1f}ms {sr:5.2f}x",
+            f"{name:20s} {fl * 1e3:7.1f}ms {fe * 1e3:7.1f}ms {fr:5.2f}x {sl * 1e3:7.1f}ms {se * 1e3:7.1f}ms {sr:5.2f}x "
+            + "; ".join(line.strip().split(" -> ")[1] for line in ens.plan().splitlines() if " -> " in line),
             flush=True,
         )
 
