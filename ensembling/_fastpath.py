@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import EnsembleError
-from ._state import Slot, StackedState
+from ._state import Slot, StackedState, identity
 
 __all__ = ["FastPath"]
 
@@ -464,14 +464,10 @@ class FastPath:
         pairs = [(s.weight.get(), None if s.bias is None else s.bias.get()) for s in self.linears]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return [_operands(w, b, transposed) for w, b in pairs]
-        key = (transposed, torch.is_inference_mode_enabled(), *(_identity(t) for pair in pairs for t in pair))
+        key = (transposed, *identity(t for pair in pairs for t in pair))
         if self.kept is None or self.kept[0] != key:
             self.kept = (key, [_operands(w, b, transposed) for w, b in pairs])
         return self.kept[1]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "kept": None}  # views of this ensemble's tensors: copies make their own
-
-
-def _identity(t: Tensor | None) -> Any:
-    return None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype)

@@ -9,7 +9,7 @@ travels on the stacked tensors themselves.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._errors import EnsembleError
 
-__all__ = ["Slot", "StackedState", "check_checkpoint", "meta_copy"]
+__all__ = ["Places", "Slot", "StackedState", "check_checkpoint", "identity", "meta_copy"]
 
 
 class _Stack(nn.Module):
@@ -65,6 +65,53 @@ def owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     for part in path:
         module = module._modules[part]
     return module, attr
+
+
+class Places:
+    """Where each stacked tensor goes in one copy of the architecture: every name of a (tied) parameter, each buffer.
+
+    Tensors are given in the stacked state's order: the parameters (``aliases``'
+    keys, each with all its names), then ``buffers``. Putting them there is one
+    dictionary assignment per name, where :func:`torch.func.functional_call`
+    walks the module tree on every call.
+    """
+
+    def __init__(self, module: nn.Module, aliases: Mapping[str, list[str]], buffers: list[str]) -> None:
+        self.param_names, self.buffer_names = list(aliases), list(buffers)
+        where = [[(c._parameters, a) for c, a in (owner(module, alias) for alias in aliases[n])] for n in aliases]
+        where += [[(c._buffers, a)] for c, a in (owner(module, name) for name in buffers)]
+        self.where: list[list[tuple[dict[str, Any], str]]] = where
+        self.rnns = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
+
+    def assign(self, tensors: Iterable[Tensor]) -> None:
+        """Put ``tensors`` in their places (and keep the RNNs' weight lists current, as ``setattr`` would)."""
+        for names, tensor in zip(self.where, tensors):
+            for table, attr in names:
+                table[attr] = tensor
+        for rnn in self.rnns:
+            rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+
+    def run(self, module: nn.Module, tensors: tuple[Tensor, ...], args: tuple, kwargs: dict) -> Any:
+        """``module(*args, **kwargs)`` holding ``tensors``; the module holds its own tensors again after."""
+        saved = [table[attr] for (table, attr), *_ in self.where]  # tied names hold one tensor
+        self.assign(tensors)
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self.assign(saved)
+
+
+def identity(tensors: Iterable[Tensor | None]) -> tuple[Any, ...]:
+    """What views of ``tensors`` made now stay valid for: each tensor's object, memory, shape and dtype.
+
+    In-place changes keep it; replacing a tensor or its data (``.to()``,
+    ``load_state_dict(assign=True)``) changes it. Inference mode is part of it,
+    since views made there are inference views.
+    """
+    return (
+        torch.is_inference_mode_enabled(),
+        *(None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype) for t in tensors),
+    )
 
 
 def _container(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._device import synchronize
 from ._errors import EnsembleError
-from ._state import owner
+from ._state import Places, identity
 
 __all__ = [
     "Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "stack_outputs",
@@ -84,10 +84,8 @@ class Shells:
     def __init__(self, template: nn.Module, aliases: dict[str, list[str]], buffers: list[str], n: int) -> None:
         self.template, self.aliases, self.buffer_names = template, aliases, buffers
         self.modules = [copy.deepcopy(template) for _ in range(n)]
-        self.params = [{name: [owner(m, a) for a in names] for name, names in aliases.items()} for m in self.modules]
-        self.buffers = [{name: owner(m, name) for name in buffers} for m in self.modules]
-        self.rnns = [[r for r in m.modules() if isinstance(r, nn.RNNBase)] for m in self.modules]
-        self.bound: tuple[Any, ...] | None = None  # which stacked tensors the no-grad views were made of
+        self.places = [Places(m, aliases, buffers) for m in self.modules]
+        self.bound: tuple[Any, ...] | None = None  # identity of the stacked tensors the no-grad views were made of
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Copies and pickles start unbound: the views belong to this ensemble's tensors (and its autograd graph).
@@ -95,58 +93,31 @@ class Shells:
 
     def bind(self, params: dict[str, Tensor], buffers: dict[str, Tensor], keep: bool) -> None:
         """Point every copy at its member's views of ``params`` / ``buffers``; ``keep``: views for later calls too."""
+        tensors = (*params.values(), *buffers.values())
         if keep:
-            tensors = (*params.values(), *buffers.values())
-            key = (torch.is_inference_mode_enabled(), *((id(t), t.data_ptr(), t.shape, t.dtype) for t in tensors))
+            key = identity(tensors)
             if key == self.bound:
                 return
         self.bound = None
         with torch.set_grad_enabled(not keep and torch.is_grad_enabled()):
-            member_params = {name: t.unbind(0) for name, t in params.items()}  # one UnbindBackward per tensor
-            member_buffers = {name: t.unbind(0) for name, t in buffers.items()}  # views: updates reach the stack
-        for i, module in enumerate(self.modules):
-            for name, views in member_params.items():
-                for container, attr in self.params[i][name]:
-                    container._parameters[attr] = views[i]  # type: ignore[assignment]
-            for name, views in member_buffers.items():
-                container, attr = self.buffers[i][name]
-                container._buffers[attr] = views[i]
-            for rnn in self.rnns[i]:  # what RNNBase.__setattr__ would keep up to date
-                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+            views = [t.unbind(0) for t in tensors]  # one UnbindBackward per parameter; buffer updates reach the stack
+        for i, places in enumerate(self.places):
+            places.assign(v[i] for v in views)
         if keep:
             self.bound = key
 
-    def run(self, i: int, args: tuple, kwargs: dict) -> Any:
-        """Member ``i``'s forward on the views bound last."""
+    def run(self, i: int, args: tuple, kwargs: dict, views: tuple[Tensor, ...] | None = None) -> Any:
+        """Member ``i``'s forward on the views bound last, or on ``views`` for this call only.
+
+        With ``views`` the copy holds its previous tensors again after: the form
+        :func:`torch.compile` traces, with no identity checks and no state left behind.
+        """
         module = self.modules[i]
         if module.training != self.template.training:
             module.train(self.template.training)
-        return module(*args, **kwargs)
-
-    def run_traced(self, i: int, params: dict[str, Tensor], buffers: dict[str, Tensor], args: tuple, kwargs: dict):
-        """As :meth:`run` on views given for this call, the copy holding its previous tensors again after.
-
-        The form :func:`torch.compile` traces: no identity checks, no state left behind.
-        """
-        module = self.modules[i]
-        saved = []
-        try:
-            for name, view in params.items():
-                for container, attr in self.params[i][name]:
-                    saved.append((container._parameters, attr, container._parameters[attr]))
-                    container._parameters[attr] = view  # type: ignore[assignment]
-            for name, view in buffers.items():
-                container, attr = self.buffers[i][name]
-                saved.append((container._buffers, attr, container._buffers[attr]))
-                container._buffers[attr] = view
-            for rnn in self.rnns[i]:
-                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+        if views is None:
             return module(*args, **kwargs)
-        finally:
-            for table, attr, value in reversed(saved):
-                table[attr] = value
-            for rnn in self.rnns[i]:
-                rnn._flat_weights = [rnn._parameters.get(w) for w in rnn._flat_weights_names]
+        return self.places[i].run(module, views, args, kwargs)
 
 
 def loop_forward(
@@ -165,14 +136,12 @@ def loop_forward(
     """
     n = len(shells.modules)
     if torch.compiler.is_compiling():
-        member_params = {name: t.unbind(0) for name, t in params.items()}
-        member_buffers = {name: t.unbind(0) for name, t in buffers.items()}
+        views = [t.unbind(0) for t in (*params.values(), *buffers.values())]
         outputs = []
         for i in range(n):
             member_args = tuple(_slice(a, d, i) for a, d in zip(args, dims))
             member_kwargs = {k: _slice(v, kw_dims.get(k), i) for k, v in kwargs.items()}
-            views = ({k: v[i] for k, v in member_params.items()}, {k: v[i] for k, v in member_buffers.items()})
-            outputs.append(shells.run_traced(i, *views, member_args, member_kwargs))
+            outputs.append(shells.run(i, member_args, member_kwargs, tuple(v[i] for v in views)))
         return stack_outputs(outputs)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params.values())
     shells.bind(params, buffers, keep=not grad)

@@ -1,7 +1,7 @@
 """The vmap path: every member's forward as one ``torch.vmap`` over the runner, and its errors.
 
 Inside ``vmap`` the runner holds the batched state by one dictionary assignment
-per tensor (:class:`_Places`), the same rebinding ``functional_call`` does
+per tensor (``_state.Places``), the same rebinding ``functional_call`` does
 without its walk over the module tree; under ``torch.compile``,
 ``functional_call`` itself, which it traces.
 
@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ._errors import EnsembleError
 from ._layers import attention_context
 from ._outputs import Spec, differs, flatten, has_objects, rebuild
-from ._state import owner
+from ._state import Places
 from ._vmap_errors import translate
 
 __all__ = ["InDims", "VmapRunner", "check_in_dims"]
@@ -198,33 +198,6 @@ def _positional_names(runner: nn.Module) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in kinds)
 
 
-class _Places:
-    """Where each stacked tensor goes in the runner: every name of a (tied) parameter, each buffer.
-
-    Putting the members' batched tensors there is one dictionary assignment per
-    name, where :func:`torch.func.functional_call` walks the module tree on every
-    call (a fixed cost of about a tenth of a millisecond for a small model).
-    """
-
-    def __init__(self, runner: nn.Module, aliases: Mapping[str, list[str]], buffers: list[str]) -> None:
-        self.param_names, self.buffer_names = list(aliases), list(buffers)
-        places = [[(c._parameters, a) for c, a in (owner(runner, alias) for alias in aliases[n])] for n in aliases]
-        places += [[(lambda c, a: (c._buffers, a))(*owner(runner, name))] for name in buffers]
-        self.places: list[list[tuple[dict[str, Any], str]]] = places
-
-    def run(self, runner: nn.Module, state: tuple[Tensor, ...], args: tuple, kwargs: dict) -> Any:
-        """``runner(*args, **kwargs)`` holding ``state`` (params, then buffers), its own tensors again after."""
-        saved = [(table, attr, table[attr]) for where in self.places for table, attr in where]
-        try:
-            for where, tensor in zip(self.places, state):
-                for table, attr in where:
-                    table[attr] = tensor
-            return runner(*args, **kwargs)
-        finally:
-            for table, attr, value in saved:
-                table[attr] = value
-
-
 class VmapRunner:
     """Runs the members through ``runner`` (the architecture with vectorizable stand-ins) under ``torch.vmap``.
 
@@ -236,7 +209,7 @@ class VmapRunner:
     def __init__(self, runner: nn.Module, aliases: Mapping[str, list[str]], buffers: list[str]) -> None:
         self.runner = runner
         self.names = _positional_names(runner)
-        self.places = _Places(runner, aliases, buffers)
+        self.places = Places(runner, aliases, buffers)
         self.cache: dict[Any, Callable[..., Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
