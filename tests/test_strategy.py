@@ -71,6 +71,29 @@ def test_loop_strategy_gives_one_stack_in_backward() -> None:
     assert [type(fn).__name__ for fn in readers] == ["UnbindBackward0"] * len(ens.named_stacked_parameters())
 
 
+def test_loop_gradients_of_gradients_and_unused_parameters() -> None:
+    """create_graph=True gives the loop's gradients of gradients; unused rows get zeros; outside uses add up."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)) for _ in range(3)]
+    ens = Ensemble.from_modules(models, strategy="loop")
+    x = torch.randn(4, 3)
+    grads = torch.autograd.grad(ens(x).square().sum(), list(ens.parameters()), create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    penalty.backward()
+    for i, model in enumerate(models):
+        member_grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()), create_graph=True)
+        sum(g.square().sum() for g in member_grads).backward()
+        for (key, stacked), p in zip(ens.named_stacked_parameters().items(), model.parameters()):
+            torch.testing.assert_close(stacked.grad[i], p.grad, **TOL, msg=lambda m: f"{key}: {m}")
+    ens.zero_grad(set_to_none=True)
+    ens(x)[:, :, 0].sum().backward()  # the last layer's second row is used by no output
+    last = ens.stacked.get_parameter("2.weight").grad
+    assert torch.all(last[:, 1] == 0) and torch.all(last[:, 0] != 0)
+    ens.zero_grad(set_to_none=True)
+    (ens(x).sum() * 0 + ens.stacked.get_parameter("0.bias").sum()).backward()
+    torch.testing.assert_close(ens.stacked.get_parameter("0.bias").grad, torch.ones(3, 5))
+
+
 def test_auto_measures_then_caches_one_choice_per_signature() -> None:
     """The first calls of a signature alternate strategies; then one choice is kept, shown by plan() and the repr."""
     torch.manual_seed(0)
