@@ -8,7 +8,7 @@ The data flow, and where each part lives::
             v
     _setup                      _state.py     stacked tensors registered under ens.stacked
                                 _layers.py    the runner: the architecture with vectorizable stand-ins
-                                _fastpath.py  the typed plan of a Linear chain, if the member is one
+                                _chain.py     the member read as a chain of typed steps, if it is one
             |
             v
     forward: options (_options.py) and in_dims checked once, then
