@@ -2,10 +2,12 @@
 
 :func:`chain_steps` reads an ``nn.Sequential``, or any module whose
 ``torch.fx`` trace is a single chain, into steps: Linear layers, Dropout,
-element-wise functions, and reshapes of a member's own dimensions
+element-wise functions, reshapes of a member's own dimensions
 (``x.flatten(1)``, ``x.view(x.size(0), -1)``, ``nn.Flatten``, ``transpose``,
 ...) as :class:`ReshapeStep` s that act on the dimensions after the member
-dimension. ``_fastpath.py`` runs them.
+dimension, reductions over them (``x.mean(dim=1)``, ``x.sum(-2)``) as
+:class:`ReduceStep` s, and an ``nn.Embedding`` as the first step (a
+bag-of-embeddings model). ``_fastpath.py`` runs them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from torch import Tensor, nn
 from ._errors import EnsembleError
 from ._state import Slot, StackedState
 
-__all__ = ["ActivationStep", "DropoutStep", "LinearStep", "ReshapeStep", "Step", "chain_steps"]
+__all__ = [
+    "ActivationStep", "DropoutStep", "EmbeddingStep", "LinearStep", "ReduceStep", "ReshapeStep", "Step", "chain_steps",
+]  # fmt: skip
 
 # Stateless element-wise modules: applying them to a [members, rows, features]
 # tensor is the same as applying them to each member's [rows, features] slice.
@@ -53,6 +57,15 @@ class LinearStep:
     name: str
     weight: Slot  # [members, out, in]
     bias: Slot | None  # [members, out]
+
+
+@dataclass(frozen=True)
+class EmbeddingStep:
+    """``weight[ids]`` for every member at once: the chain's first step, on integer ids."""
+
+    name: str
+    weight: Slot  # [members, vocabulary, dim]
+    padding_idx: int | None  # that row gets no gradient, as in nn.Embedding
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,37 @@ class ReshapeStep:
         return h.squeeze(tuple(dims)) if m == "squeeze" else h.transpose(*dims)
 
 
+@dataclass(frozen=True)
+class ReduceStep(ReshapeStep):
+    """A reduction over a member's own dimensions: ``x.mean(dim=1)``, ``x.sum((1, 2), keepdim=True)``.
+
+    ``args`` are ``(dims, keepdim)``; ``method`` is ``mean``, ``sum``, ``amax`` or ``amin``.
+    """
+
+    def apply(self, h: Tensor) -> Tensor:
+        dims, keepdim = self.args
+        ndim = h.dim() - 1
+        shifted = tuple(_dim(d, ndim, self) for d in (dims if isinstance(dims, tuple) else (dims,)))
+        return getattr(h, self.method)(shifted, keepdim=keepdim)
+
+
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_REDUCTION_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.amin: "amin"}
+
+
+def _reduce_step(method: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> ReduceStep | None:
+    """A reduction call of a trace as a typed step; None without explicit dims or with other arguments (dtype)."""
+    if len(extra) > 2 or set(kwargs) - {"dim", "keepdim"}:
+        return None
+    bound = dict(zip(("dim", "keepdim"), extra)) | kwargs
+    dims, keepdim = bound.get("dim"), bound.get("keepdim", False)
+    dims = tuple(dims) if isinstance(dims, list) else dims
+    entries = dims if isinstance(dims, tuple) else (dims,)
+    if not entries or not all(type(d) is int for d in entries) or type(keepdim) is not bool:
+        return None  # a reduction over everything (no dim) leaves no features
+    return ReduceStep(method, (dims, keepdim))
+
+
 def _is_size_or_shape(value: Any) -> bool:
     if isinstance(value, tuple):
         return all(_is_size_or_shape(v) for v in value)
@@ -179,18 +223,22 @@ def _size_read(node: torch.fx.Node, sizes: dict[torch.fx.Node, tuple[torch.fx.No
     return None
 
 
-Step = LinearStep | DropoutStep | ActivationStep | ReshapeStep
+Step = LinearStep | EmbeddingStep | DropoutStep | ActivationStep | ReshapeStep
 
 
 def _is_fast_leaf(layer: nn.Module) -> bool:
     if type(layer) is nn.Linear:
         return True
+    if type(layer) is nn.Embedding:  # a plain lookup: no renormalizing, no frequency scaling, dense gradients
+        return layer.max_norm is None and not layer.scale_grad_by_freq and not layer.sparse
     stateless = not list(layer.parameters(recurse=True)) and not list(layer.buffers())
     return stateless and (type(layer) in _ELEMENTWISE or type(layer) in (nn.Dropout, nn.Flatten, nn.Unflatten))
 
 
 def _chain(template: nn.Module) -> list[Layer] | None:
-    """The member as a chain of Linear, Dropout and element-wise steps, or None if it is not one.
+    """The member as a chain of Linear, Dropout, element-wise, reshape and reduction steps, or None if it is not one.
+
+    An ``nn.Embedding`` may only come first: it turns integer ids into features.
 
     An ``nn.Sequential`` of such layers is read directly. Any other module
     whose leaves are all such layers (a custom MLP class, say) is traced with
@@ -217,6 +265,8 @@ def _chain(template: nn.Module) -> list[Layer] | None:
             return None
         layers = chains[0]
     if not any(isinstance(layer, nn.Linear) for _, layer in layers):
+        return None
+    if any(isinstance(layer, nn.Embedding) for _, layer in layers[1:]):
         return None
     return layers
 
@@ -291,6 +341,10 @@ def _traced_step(template: nn.Module, node: torch.fx.Node, sizes: dict, reads_si
         return _reshape_step(node.target, extra, kwargs)  # type: ignore[arg-type]
     if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
         return _reshape_step(_RESHAPE_FUNCTIONS[node.target], extra, kwargs)  # type: ignore[index]
+    if node.op == "call_method" and node.target in _REDUCTIONS and not reads_sizes:
+        return _reduce_step(node.target, extra, kwargs)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target in _REDUCTION_FUNCTIONS and not reads_sizes:
+        return _reduce_step(_REDUCTION_FUNCTIONS[node.target], extra, kwargs)  # type: ignore[index]
     if reads_sizes:
         return None
     plain = not extra and not kwargs
@@ -323,6 +377,8 @@ def chain_steps(template: nn.Module, state: StackedState) -> list[Step] | None:
             steps.append(ActivationStep(layer, relu=layer in (torch.relu, F.relu)))
         elif isinstance(layer, nn.Linear):
             steps.append(LinearStep(name, slots[f"{name}.weight"], slots.get(f"{name}.bias")))
+        elif isinstance(layer, nn.Embedding):
+            steps.append(EmbeddingStep(name, slots[f"{name}.weight"], layer.padding_idx))
         elif isinstance(layer, nn.Dropout):
             steps.append(DropoutStep(layer.p))
         elif type(layer) is nn.ReLU:

@@ -106,10 +106,14 @@ class Ensemble(nn.Module):
         When the member is a chain of ``nn.Linear``, ``nn.Dropout`` and
         element-wise activations (an ``nn.Sequential`` of them, or any module
         whose forward applies them one after another, such as a custom MLP
-        class using ``F.relu``), evaluate it with batched matrix products
-        (:func:`torch.baddbmm`) instead of ``vmap``: the same results, with the
-        per-layer overhead of ``vmap`` removed. Other architectures use
-        ``vmap``; ``print(ens)`` shows which path (``path=baddbmm`` or ``vmap``).
+        class using ``F.relu``), with reshapes (``x.flatten(1)``, ``view``,
+        ``transpose``) and reductions (``x.mean(dim=1)``, ``sum``, ``amax``,
+        ``amin``) of the member's own dimensions in between and optionally an
+        ``nn.Embedding`` first (a bag-of-embeddings model), evaluate it with
+        batched matrix products (:func:`torch.baddbmm`) instead of ``vmap``:
+        the same results, with the per-layer overhead of ``vmap`` removed.
+        Other architectures use ``vmap``; ``print(ens)`` shows which path
+        (``path=baddbmm`` or ``vmap``).
     strategy : {"auto", "vectorized", "loop"}, default "auto"
         How members off the fast path run: ``"vectorized"``, one ``vmap`` call;
         ``"loop"``, one after another through torch's own (fused) kernels,
@@ -320,7 +324,7 @@ class Ensemble(nn.Module):
 
     randomness = _option("randomness", "``'different'``, ``'same'`` or ``'error'``: random draws, as for vmap.")
     chunk_size = _option("chunk_size", "Members evaluated at a time under ``vmap`` (``None``: all at once).")
-    fast_path = _option("fast_path", "Whether a chain of Linear / Dropout / element-wise layers runs as products.")
+    fast_path = _option("fast_path", "Whether a chain member (see parameter ``fast_path``) runs as batched products.")
     strategy = _option("strategy", "``'auto'``, ``'vectorized'`` or ``'loop'``: how members off the fast path run.")
 
     def plan(self) -> str:

@@ -1,4 +1,4 @@
-"""The fast path: a member that is a chain of Linear / Dropout / element-wise / reshape steps, run as batched products.
+"""The fast path: a member that is a chain of (Embedding,) Linear / Dropout / element-wise / reshape steps, as products.
 
 :meth:`FastPath.plan` reads the chain into typed steps once (``_chain.py``);
 :meth:`FastPath.run` executes them on ``[members, rows, features]`` activations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._chain import DropoutStep, LinearStep, ReshapeStep, Step, chain_steps
+from ._chain import DropoutStep, EmbeddingStep, LinearStep, ReshapeStep, Step, chain_steps
 from ._errors import EnsembleError
 from ._state import StackedState, identity
 
@@ -70,6 +70,34 @@ def _reshape(h: Tensor, step: ReshapeStep, lead: tuple[int, ...], transposed: bo
     return (rows.mT if transposed else rows), tuple(out.shape[1:-1])
 
 
+def _embedding(x: Tensor, step: EmbeddingStep, shared: bool, n: int) -> tuple[Tensor, tuple[int, ...]]:
+    """Every member's lookup of ids ``x`` (``[*lead]`` shared, or ``[n, *lead]``) as ``[members, rows, dim]``."""
+    if x.dtype not in (torch.int64, torch.int32):
+        raise EnsembleError(
+            f"Ensemble: layer {step.name!r} (nn.Embedding) takes int64 or int32 token ids; got a {x.dtype} input."
+        )
+    weight = step.weight.get()  # [members, vocabulary, dim]
+    lead = tuple(x.shape if shared else x.shape[1:])
+    try:
+        if shared:
+            out = weight.index_select(1, x.reshape(-1))
+        else:
+            ids = x.reshape(n, -1, 1).long()
+            out = torch.gather(weight, 1, ids.expand(-1, -1, weight.shape[2]))
+    except (IndexError, RuntimeError):
+        vocabulary = weight.shape[1]
+        outside = x[(x < 0) | (x >= vocabulary)]
+        found = f"id {outside[0].item()}" if outside.numel() else "an id outside that range"
+        raise EnsembleError(
+            f"Ensemble: layer {step.name!r} (nn.Embedding) has {vocabulary} rows, so ids must lie in "
+            f"[0, {vocabulary - 1}]; the input holds {found}."
+        ) from None
+    if step.padding_idx is not None and torch.is_grad_enabled() and weight.requires_grad:
+        padding = (x == step.padding_idx).reshape(1 if shared else n, -1, 1)
+        out = torch.where(padding, out.detach(), out)  # the same values; no gradient for the padding row
+    return out, lead
+
+
 def _dropout(h: Tensor, p: float, training: bool, randomness: str) -> Tensor:
     if not training or p == 0.0:
         return h
@@ -115,15 +143,20 @@ class FastPath:
         autograd keeps it instead of copying it into a fresh allocation every
         step. A shared input's first layer is then one ``addmm`` over all members.
         """
-        if x.dim() == 0:
-            raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
         operands = iter(self.operands(transposed))
-        lead = tuple(x.shape[:-1] if shared else x.shape[1:-1])  # one member's activation: [*lead, features]
-        rows = x.reshape(1 if shared else n, -1, x.shape[-1])
+        steps = self.steps
+        if isinstance(steps[0], EmbeddingStep):  # ids in, [members, rows, dim] out
+            rows, lead = _embedding(x, steps[0], shared, n)
+            steps, pending, fresh = steps[1:], False, True
+        else:
+            if x.dim() == 0:
+                raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
+            lead = tuple(x.shape[:-1] if shared else x.shape[1:-1])  # one member's activation: [*lead, features]
+            rows = x.reshape(1 if shared else n, -1, x.shape[-1])
+            pending = shared  # h still has a member dimension of 1, meaning "the same for all"
+            fresh = False  # may h be modified in place (is it our own intermediate, not the input)?
         h = rows.mT if transposed else rows
-        pending = shared  # h still has a member dimension of 1, meaning "the same for all"
-        fresh = False  # may h be modified in place (is it our own intermediate, not the input)?
-        for step in self.steps:
+        for step in steps:
             if isinstance(step, LinearStep):
                 ops = next(operands)
                 features = h.shape[1] if transposed else h.shape[2]

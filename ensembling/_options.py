@@ -34,8 +34,9 @@ class Options:
     chunk_size : int or None
         Members evaluated at a time (``None``: all at once).
     fast_path : bool
-        Whether a chain of Linear / Dropout / element-wise layers runs as
-        batched matrix products instead of under ``vmap``.
+        Whether a chain of Linear / Dropout / element-wise layers (with
+        reshapes and reductions of member dimensions, an Embedding first)
+        runs as batched matrix products instead of under ``vmap``.
     strategy : {"auto", "vectorized", "loop"}
         How other members run: one ``vmap`` call, back to back through
         torch's own kernels, or whichever measured faster per input signature.

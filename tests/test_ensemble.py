@@ -319,6 +319,111 @@ def test_fast_path_runs_reshapes_of_member_dims(kind: str, per_member: bool) -> 
         torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
 
 
+class Pooled(nn.Module):
+    """A Linear over a sequence, then a reduction over the sequence (``how``), then a Linear."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.fc1, self.fc2 = how, nn.Linear(4, 6), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, seq, 4] -> [batch, 5] or [batch, 1, 5]
+        h = torch.tanh(self.fc1(x))
+        if self.how == "mean":
+            h = h.mean(dim=1)
+        elif self.how == "sum keepdim":
+            h = torch.sum(h, (1,), keepdim=True)
+        else:
+            h = h.amax(-2)
+        return self.fc2(h)
+
+
+class BagOfWords(nn.Module):
+    """Token ids -> embeddings (``padding_idx`` 0) -> mean over the sequence -> logits; optionally tied."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, out: int | None = None, tied: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, vocab if tied else out or 3, bias=not tied)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [batch, seq] -> [batch, out]
+        return self.head(self.embed(ids).mean(dim=-2))
+
+
+POOLING = {
+    "mean": (lambda: Pooled("mean"), (3, 7, 4), False),
+    "sum keepdim": (lambda: Pooled("sum keepdim"), (3, 7, 4), False),
+    "amax": (lambda: Pooled("amax"), (3, 7, 4), False),
+    "bag of words": (BagOfWords, (3, 7), True),
+    "tied bag of words": (lambda: BagOfWords(tied=True), (3, 7), True),
+    "nn.Embedding in Sequential": (
+        lambda: nn.Sequential(nn.Embedding(20, 6), nn.Flatten(), nn.Linear(42, 3)),
+        (3, 7),
+        True,
+    ),
+    "large bag of words": (lambda: BagOfWords(30, 600, 500), (3, 7), True),  # the transposed training layout
+}
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+@pytest.mark.parametrize("kind", list(POOLING))
+def test_fast_path_runs_reductions_and_an_embedding_first(kind: str, per_member: bool) -> None:
+    """mean / sum / amax over member dims, and an nn.Embedding head, stay on baddbmm and equal the loop.
+
+    The ids include the padding id, whose row gets no gradient in any member, as in nn.Embedding.
+    """
+    factory, shape, ids = POOLING[kind]
+    torch.manual_seed(0)
+    models = [factory() for _ in range(4)]
+    ens = Ensemble.from_modules(models)
+    assert "path=baddbmm" in repr(ens)
+    if ids:
+        x = torch.randint(0, 20, (4, *shape) if per_member else shape)
+        x[..., :2] = 0  # padding
+    else:
+        x = torch.randn(4, *shape) if per_member else torch.randn(*shape)
+    got = ens(x, in_dims=0 if per_member else None)
+    expected = loop(models, x, per_member)
+    torch.testing.assert_close(got, expected, **TOL)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for key, stacked in ens.named_stacked_parameters().items():
+        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
+    if isinstance(models[0], BagOfWords) and models[0].head.weight is not models[0].embed.weight:
+        assert not ens.named_stacked_parameters()["embed.weight"].grad[:, 0].any()
+    with torch.no_grad():  # the no-grad form (kept operands) too
+        torch.testing.assert_close(ens(x, in_dims=0 if per_member else None), expected, **TOL)
+
+
+def test_fast_path_leaves_other_embeddings_and_full_reductions_to_vmap_and_explains_bad_ids() -> None:
+    """max_norm / sparse embeddings and a reduction over everything stay on vmap; bad ids name the layer."""
+
+    class Everything(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).mean()
+
+    for factory in (
+        lambda: nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2)),
+        lambda: nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)),
+        Everything,
+    ):
+        assert "path=vmap" in repr(Ensemble(factory, 2))
+    ens = Ensemble(BagOfWords, 3)
+    with pytest.raises(EnsembleError, match=r"layer 'embed' \(nn.Embedding\) has 20 rows.*\[0, 19\].*id 25"):
+        ens(torch.full((2, 5), 25))
+    with pytest.raises(EnsembleError, match=r"layer 'embed'.*id -1"):
+        ens(torch.full((3, 2, 5), -1), in_dims=0)
+    with pytest.raises(EnsembleError, match=r"layer 'embed' \(nn.Embedding\) takes int64 or int32 token ids"):
+        ens(torch.randn(2, 5))
+    torch.testing.assert_close(ens(torch.ones(2, 5, dtype=torch.int32)), ens(torch.ones(2, 5, dtype=torch.int64)))
+
+
 def test_fast_path_refuses_reshapes_it_cannot_map_and_explains_bad_dims() -> None:
     """A reshape reading another tensor's size stays on vmap; a dim past the member's is an EnsembleError."""
 
