@@ -77,9 +77,10 @@ def _latest_choice(ens: Ensemble) -> str:
     planner = ens.__dict__.get("_planner")  # absent before the strategy planner existed: plain vmap
     plans = list(planner.plans.values()) if planner is not None else []
     if "path=baddbmm" in ens.extra_repr():  # with autograd, the activation layout is measured too
-        layout = plans[-1].choice if plans and plans[-1].description.startswith("baddbmm") else None
+        last = plans[-1] if plans else None
+        layout = (last.choice or last.previous) if last and last.description.startswith("baddbmm") else None
         return f"baddbmm ({layout})" if layout and torch.is_grad_enabled() else "baddbmm"
-    return (plans[-1].choice or "measuring") if plans else "vmap"
+    return (plans[-1].choice or plans[-1].previous or "measuring") if plans else "vmap"
 
 
 def _settle(fn: Callable[[], Any]) -> None:

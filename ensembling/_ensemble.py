@@ -119,7 +119,8 @@ class Ensemble(nn.Module):
         ``"loop"``, one after another through torch's own (fused) kernels,
         reading views of the stacked tensors; ``"auto"``, whichever the first
         calls of each input signature measure faster on this device (see
-        :meth:`plan`). All give the loop's answer.
+        :meth:`plan`), measured again after 50, 200, 800, ... more calls in
+        case conditions changed. All give the loop's answer.
     seed : int, optional
         Initialize member ``i`` from its own seed derived from ``(seed, i)``,
         one member after another, instead of drawing all members in one

@@ -17,10 +17,13 @@ each input signature (shapes, dtypes, device, train/eval, grad mode, ...): the
 calls alternate strategies, each is timed on the device (a training call from
 its start to the start of the next call of the same signature, so the
 backward pass and the optimizer step count too), and the faster is kept for
-that signature. Every measured call is a real call with a real answer, so
-measuring changes no state the loop would not change. Under
-:func:`torch.compile` nothing is measured: the cached or forced choice runs,
-``"vectorized"`` by default.
+that signature. A choice is measured again after 50 more calls of its
+signature, then after 200, 800, ... (each interval four times the last): a
+choice made while the machine was busy does not stay wrong for a whole
+training run, and re-measuring costs a vanishing share of the calls. Every
+measured call is a real call with a real answer, so measuring changes no
+state the loop would not change. Under :func:`torch.compile` nothing is
+measured: the cached or forced choice runs, ``"vectorized"`` by default.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
 ]  # fmt: skip
 
 _WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
+_RECHECK_FIRST, _RECHECK_GROWTH = 50, 4  # steady calls before a choice is measured again; the interval's growth
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
@@ -190,17 +194,34 @@ class Plan:
     times: dict[str, list[float]] = field(default_factory=dict)
     calls: int = 0
     pending: tuple[str, float] | None = None  # a training call's strategy and start, timed until the next call
+    steady: int = 0  # calls since the choice was made
+    recheck_after: float = _RECHECK_FIRST  # steady calls before measuring again (inf: never, the choice is forced)
+    previous: str | None = None  # the choice being measured again
+
+    def settled(self) -> str | None:
+        """The choice for this call; None while measuring, or when it is due to be measured again (from now)."""
+        if self.choice is None or self.pending is not None:
+            return None
+        self.steady += 1
+        if self.steady <= self.recheck_after:
+            return self.choice
+        # Conditions may have changed since the choice (load, threads, data): measure both again.
+        self.previous, self.choice, self.calls, self.steady = self.choice, None, 0, 0
+        self.times = {name: [] for name in self.names}
+        self.recheck_after *= _RECHECK_GROWTH
+        return None
 
     def summary(self) -> str:
         def best(ts: list[float]) -> str:  # the fastest timed call, after the warm-up ones
             return f"{min(ts[_WARMUP:] or ts) * 1e3:.3g} ms"
 
         measured = ", ".join(f"{name} {best(ts)}" for name, ts in self.times.items() if ts)
-        return f"{self.description} -> {self.choice or 'measuring'}" + (f" (measured: {measured})" if measured else "")
+        state = self.choice or (f"{self.previous}, measuring again" if self.previous else "measuring")
+        return f"{self.description} -> {state}" + (f" (measured: {measured})" if measured else "")
 
 
 class Planner:
-    """Per input signature, which strategy runs the members; measured once when ``strategy="auto"``."""
+    """Per input signature, which strategy runs the members; measured (and re-measured) when ``strategy="auto"``."""
 
     def __init__(self) -> None:
         self.plans: dict[Any, Plan] = {}
@@ -212,6 +233,7 @@ class Planner:
         plan = self.plans.get(key)
         if plan is None:
             plan = Plan(describe(), choice=None if measurable else names[0], names=names, times={n: [] for n in names})
+            plan.recheck_after = _RECHECK_FIRST if measurable else float("inf")
             self.plans[key] = plan
         if plan.pending is not None:  # the previous training call of this signature ends here
             name, start = plan.pending
@@ -236,8 +258,8 @@ def _decide(plan: Plan) -> None:
     if all(len(ts) >= _WARMUP + _SAMPLES for ts in plan.times.values()):
         # Other programs only ever slow a call down: the fastest timed call is the least disturbed estimate.
         plan.choice = min(plan.names, key=lambda name: min(plan.times[name][_WARMUP:]))
-    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: keep the default
-        plan.choice = plan.names[0]
+    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: keep what ran, or the default
+        plan.choice = plan.previous or plan.names[0]
 
 
 def run_members(
@@ -266,8 +288,9 @@ def run_members(
     known = planner.plans.get(key)
     if known is None or known.pending is None:
         planner.forget_pending()  # another signature's open training interval would time this call too
-    if known is not None and known.choice is not None and known.pending is None:  # the steady state
-        return loop() if known.choice == "loop" else vectorized()
+    choice = None if known is None else known.settled()
+    if choice is not None:  # the steady state
+        return loop() if choice == "loop" else vectorized()
     describe = lambda: _describe_call(args, kwargs, dims, kw_dims, key_extra)  # noqa: E731
     name, plan = planner.choose(key, describe, _loopable(args, kwargs, dims, kw_dims))
     return measured(plan, name, {"vectorized": vectorized, "loop": loop}, device)
@@ -283,6 +306,7 @@ def measured(plan: Plan | None, name: str, runners: dict[str, Callable[[], Any]]
     leaves = tree_flatten(out)[0]
     if plan.calls == 1 and any(not isinstance(x, (Tensor, *_SCALARS)) for x in leaves):
         plan.choice = plan.names[0]  # outputs the loop could not stack (objects such as caches)
+        plan.recheck_after = float("inf")
     elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
         plan.pending = (name, start)  # timed until the next call: backward and optimizer step included
     else:
@@ -402,8 +426,9 @@ def run_fast(ens: Any, x: Tensor, shared: bool, options: Any) -> Tensor:
     known = planner.plans.get(key)
     if known is None or known.pending is None:
         planner.forget_pending()
-    if known is not None and known.choice is not None and known.pending is None:
-        return run(known.choice == "transposed")
+    choice = None if known is None else known.settled()
+    if choice is not None:
+        return run(choice == "transposed")
     where = "shared" if shared else "split on dim 0"
     describe = lambda: f"baddbmm layout, ({list(x.shape)} {x.dtype} {x.device} ({where})), grad"  # noqa: E731
     names = ("transposed", "rows") if fast.weights_are_large else ("rows", "transposed")

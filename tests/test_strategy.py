@@ -125,6 +125,58 @@ def test_auto_times_training_calls_through_the_backward_pass() -> None:
     assert all(t > 0 for ts in plan.times.values() for t in ts)
 
 
+class _Clock:
+    """A fake ``time.perf_counter``: each strategy's call advances it by that strategy's current cost."""
+
+    def __init__(self) -> None:
+        self.now, self.cost, self.ran = 0.0, {"vectorized": 1.0, "loop": 1.0}, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, name: str):
+        def run() -> Tensor:
+            self.now += self.cost[name]
+            self.ran.append(name)
+            return torch.zeros(2)
+
+        return run
+
+
+def test_auto_measures_a_choice_again_so_a_choice_made_under_load_does_not_stay(monkeypatch) -> None:
+    """Measured again after 50 steady calls, then 200, 800, ...: the choice follows changed conditions,
+    and on steady conditions the other strategy runs a small, shrinking share of the calls."""
+    import ensembling._strategy as module
+
+    clock = _Clock()
+    monkeypatch.setattr(module.time, "perf_counter", clock)
+    planner, x = module.Planner(), torch.zeros(3)
+
+    def call() -> None:
+        vectorized, loop = clock.runner("vectorized"), clock.runner("loop")
+        module.run_members(planner, "auto", (False, False, None), (x,), {}, (None,), {}, vectorized, loop, x.device)
+
+    clock.cost["loop"] = 3.0  # the first calls: the loop strategy suffers from a burst of load
+    for _ in range(10):
+        call()
+    (plan,) = planner.plans.values()
+    assert plan.choice == "vectorized" and clock.ran.count("loop") == 5
+    clock.cost.update(vectorized=2.0, loop=1.0)  # the burst is over: the loop is the faster after all
+    for _ in range(50):
+        call()
+    assert clock.ran[-50:] == ["vectorized"] * 50  # steady: the choice runs
+    call()
+    assert "vectorized, measuring again" in plan.summary()
+    for _ in range(9):
+        call()
+    assert plan.choice == "loop" and plan.previous == "vectorized" and "-> loop (measured:" in plan.summary()
+    clock.ran.clear()
+    for _ in range(200 + 10 + 800 + 10):  # steady conditions: two more checks, each 5 calls of the slower
+        call()
+    assert clock.ran.count("vectorized") == 10 and plan.choice == "loop"
+    assert plan.recheck_after == 50 * 4**3
+
+
 @pytest.mark.parametrize("strategy", ["vectorized", "loop"])
 def test_forced_strategies_are_honoured(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A forced strategy runs on every call (no measuring), also for a Linear chain when it is 'loop'."""

@@ -273,10 +273,12 @@ for name, ens in ensembles.items():
 
 # %%
 # Off the fast path, an ensemble's first calls with a new input signature
-# alternate two strategies and keep the faster for that signature:
-# ``vectorized`` (``vmap`` with the stand-ins) or ``loop`` (the members back to
-# back through torch's own fused kernels). :meth:`~ensembling.Ensemble.plan`
-# shows what was measured and chosen on this machine:
+# alternate two strategies, ``vectorized`` (``vmap`` with the stand-ins) and
+# ``loop`` (the members back to back through torch's own fused kernels), and
+# keep the faster for that signature; the choice is measured again after 50,
+# 200, 800, ... more calls, in case the machine got busier or quieter.
+# :meth:`~ensembling.Ensemble.plan` shows what was measured and chosen on this
+# machine:
 for name, ens in ensembles.items():
     for line in ens.plan().splitlines():
         print_measured(line)
