@@ -34,7 +34,7 @@ from ._init import draw_members, draw_seeded_members, make_prototype
 from ._layers import describe_stand_ins, make_runner
 from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
-from ._strategy import describe_plan, plan_summary, run_fast, run_strategy
+from ._strategy import describe_plan, plan_summary, run_fast, run_strategy, shells_of
 from ._validate import check_block, check_members, check_stacked
 from ._vmap import InDims, VmapRunner
 
@@ -49,6 +49,7 @@ def _option(name: str, doc: str) -> property:
 
     def set(self: Ensemble, value: Any) -> None:
         self._options = dataclasses.replace(self._options, **{name: value})
+        self._prepare()
 
     return property(get, set, doc=doc)
 
@@ -320,6 +321,13 @@ class Ensemble(nn.Module):
         self._vmap = VmapRunner(self._runner, self._state.aliases, [slot.name for slot in self._state.buffer_slots])
         self._fast = FastPath.plan(template, self._state)
         self.train(prototype.training)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Make what the options need ahead of the first call: with ``strategy="loop"``, the per-member copies,
+        whose ``copy.deepcopy`` a ``torch.compile(fullgraph=True)`` of the first call could not trace."""
+        if self._options.strategy == "loop":
+            shells_of(self)
 
     # ------------------------------------------------------------------ options
 

@@ -44,7 +44,8 @@ from ._errors import EnsembleError
 from ._state import Places, identity
 
 __all__ = [
-    "Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "stack_outputs",
+    "Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "shells_of",
+    "stack_outputs",
 ]  # fmt: skip
 
 _WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
@@ -89,6 +90,7 @@ class Shells:
         self.template, self.aliases, self.buffer_names = template, aliases, buffers
         self.modules = [copy.deepcopy(template) for _ in range(n)]
         self.places = [Places(m, aliases, buffers) for m in self.modules]
+        self.rnn_names = [f"nn.{type(m).__name__}" for m in template.modules() if isinstance(m, nn.RNNBase)]
         self.bound: tuple[Any, ...] | None = None  # identity of the stacked tensors the no-grad views were made of
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -140,6 +142,12 @@ def loop_forward(
     """
     n = len(shells.modules)
     if torch.compiler.is_compiling():
+        if shells.rnn_names:
+            raise EnsembleError(
+                f"Ensemble: strategy='loop' runs the member's own {shells.rnn_names[0]}, which torch.compile "
+                "cannot trace (dynamo refuses torch's RNN modules); compile with strategy='auto' or "
+                "'vectorized', whose stand-in compiles."
+            )
         views = [t.unbind(0) for t in (*params.values(), *buffers.values())]
         outputs = []
         for i in range(n):
@@ -347,11 +355,7 @@ def run_strategy(
     state = ens._state
 
     def loop() -> Any:
-        shells = ens.__dict__.get("_shells")
-        if shells is None or len(shells.modules) != ens.num_members:
-            shells = Shells(ens._template, state.aliases, [slot.name for slot in state.buffer_slots], ens.num_members)
-            object.__setattr__(ens, "_shells", shells)
-        return loop_forward(shells, state.params(), state.buffers(), args, kwargs, dims, kw_dims)
+        return loop_forward(shells_of(ens), state.params(), state.buffers(), args, kwargs, dims, kw_dims)
 
     forced = options.strategy
     if options.randomness != "different" and forced != "loop":
@@ -369,6 +373,16 @@ def run_strategy(
         object.__setattr__(ens, "_planner", planner)
     extra = (ens.training, torch.is_grad_enabled(), options.chunk_size)
     return run_members(planner, forced, extra, args, kwargs, dims, kw_dims, vectorized, loop, state.device())
+
+
+def shells_of(ens: Any) -> Shells:
+    """``ens``'s per-member copies for the loop strategy, made on first use (or ahead, for ``torch.compile``)."""
+    shells = ens.__dict__.get("_shells")
+    if shells is None or len(shells.modules) != ens.num_members:
+        state = ens._state
+        shells = Shells(ens._template, state.aliases, [slot.name for slot in state.buffer_slots], ens.num_members)
+        object.__setattr__(ens, "_shells", shells)
+    return shells
 
 
 def describe_plan(ens: Any) -> str:

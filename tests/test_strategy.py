@@ -220,6 +220,28 @@ def test_compiled_auto_ensemble_never_measures_and_matches_eager() -> None:
     assert len(ens._planner.plans) == 1  # only the eager call planned
 
 
+@pytest.mark.slow
+def test_compiled_loop_ensemble_works_from_its_first_call() -> None:
+    """torch.compile(fullgraph=True) of a strategy='loop' ensemble, never called eagerly, gives the eager answer;
+    also when the strategy is switched to 'loop' after construction."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    for switched in (False, True):
+        member = lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh())  # noqa: E731
+        ens = Ensemble(member, 3, strategy="auto" if switched else "loop").eval()
+        if switched:
+            ens.strategy = "loop"
+        assert "_shells" in ens.__dict__  # made ahead of the first call
+        compiled = torch.compile(ens, fullgraph=True)
+        with torch.no_grad():
+            got = compiled(x)
+        torch.testing.assert_close(got, torch.stack([m(x) for m in ens.unstack()]), **TOL)
+    rnn = Ensemble(lambda: nn.GRU(3, 4, batch_first=True), 3, strategy="loop")
+    # fullgraph: dynamo reports the EnsembleError raised while tracing, with its text (the way out).
+    with pytest.raises(Exception, match=r"strategy='loop' runs the member's own nn.GRU.*strategy='auto'"):
+        torch.compile(rnn, fullgraph=True)(x)
+
+
 def test_fast_path_training_layout_is_measured_and_gives_the_same_gradients() -> None:
     """Under autograd the baddbmm path times both activation layouts, keeps one, and equals the vmap path."""
     torch.manual_seed(0)
