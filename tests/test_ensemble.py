@@ -300,23 +300,32 @@ RESHAPING = {
 }
 
 
+def _fast_path_equals_the_loop(factory, x: torch.Tensor, per_member: bool) -> tuple[Ensemble, list[nn.Module]]:
+    """Four members of ``factory`` on the baddbmm path: outputs, then gradients of a weighted sum, equal the loop's."""
+    torch.manual_seed(0)
+    models = [factory() for _ in range(4)]
+    ens = Ensemble.from_modules(models)
+    assert "path=baddbmm" in repr(ens)
+    got = ens(x, in_dims=0 if per_member else None)
+    expected = loop(models, x, per_member)
+    torch.testing.assert_close(got, expected, **TOL)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for key, stacked in ens.named_stacked_parameters().items():
+        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
+    with torch.no_grad():  # the no-grad form (kept operands) too
+        torch.testing.assert_close(ens(x, in_dims=0 if per_member else None), expected, **TOL)
+    return ens, models
+
+
 @pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
 @pytest.mark.parametrize("kind", list(RESHAPING))
 def test_fast_path_runs_reshapes_of_member_dims(kind: str, per_member: bool) -> None:
     """flatten / view / reshape / transpose between Linears stay on the baddbmm path and equal the loop."""
     factory, shape = RESHAPING[kind]
-    torch.manual_seed(0)
-    models = [factory() for _ in range(4)]
-    ens = Ensemble.from_modules(models)
-    assert "path=baddbmm" in repr(ens)
-    x = torch.randn(4, *shape) if per_member else torch.randn(*shape)
-    got = ens(x, in_dims=0 if per_member else None)
-    expected = loop(models, x, per_member)
-    torch.testing.assert_close(got, expected, **TOL)
-    got.square().sum().backward()
-    expected.square().sum().backward()
-    for key, stacked in ens.named_stacked_parameters().items():
-        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
+    torch.manual_seed(2)
+    _fast_path_equals_the_loop(factory, torch.randn(4, *shape) if per_member else torch.randn(*shape), per_member)
 
 
 class Pooled(nn.Module):
@@ -374,27 +383,15 @@ def test_fast_path_runs_reductions_and_an_embedding_first(kind: str, per_member:
     The ids include the padding id, whose row gets no gradient in any member, as in nn.Embedding.
     """
     factory, shape, ids = POOLING[kind]
-    torch.manual_seed(0)
-    models = [factory() for _ in range(4)]
-    ens = Ensemble.from_modules(models)
-    assert "path=baddbmm" in repr(ens)
+    torch.manual_seed(2)
     if ids:
         x = torch.randint(0, 20, (4, *shape) if per_member else shape)
         x[..., :2] = 0  # padding
     else:
         x = torch.randn(4, *shape) if per_member else torch.randn(*shape)
-    got = ens(x, in_dims=0 if per_member else None)
-    expected = loop(models, x, per_member)
-    torch.testing.assert_close(got, expected, **TOL)
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    (got * weights).sum().backward()
-    (expected * weights).sum().backward()
-    for key, stacked in ens.named_stacked_parameters().items():
-        torch.testing.assert_close(stacked.grad, torch.stack([m.get_parameter(key).grad for m in models]), **TOL)
+    ens, models = _fast_path_equals_the_loop(factory, x, per_member)
     if isinstance(models[0], BagOfWords) and models[0].head.weight is not models[0].embed.weight:
         assert not ens.named_stacked_parameters()["embed.weight"].grad[:, 0].any()
-    with torch.no_grad():  # the no-grad form (kept operands) too
-        torch.testing.assert_close(ens(x, in_dims=0 if per_member else None), expected, **TOL)
 
 
 def test_fast_path_leaves_other_embeddings_and_full_reductions_to_vmap_and_explains_bad_ids() -> None:
