@@ -87,10 +87,11 @@ def _embedding(x: Tensor, step: EmbeddingStep, shared: bool, n: int) -> tuple[Te
     except (IndexError, RuntimeError):
         vocabulary = weight.shape[1]
         outside = x[(x < 0) | (x >= vocabulary)]
-        found = f"id {outside[0].item()}" if outside.numel() else "an id outside that range"
+        if not outside.numel():
+            raise  # not an id out of range: torch's own error is the precise one
         raise EnsembleError(
             f"Ensemble: layer {step.name!r} (nn.Embedding) has {vocabulary} rows, so ids must lie in "
-            f"[0, {vocabulary - 1}]; the input holds {found}."
+            f"[0, {vocabulary - 1}]; the input holds id {outside[0].item()}."
         ) from None
     if step.padding_idx is not None and torch.is_grad_enabled() and weight.requires_grad:
         padding = (x == step.padding_idx).reshape(1 if shared else n, -1, 1)

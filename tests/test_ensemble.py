@@ -421,6 +421,21 @@ def test_fast_path_leaves_other_embeddings_and_full_reductions_to_vmap_and_expla
     torch.testing.assert_close(ens(torch.ones(2, 5, dtype=torch.int32)), ens(torch.ones(2, 5, dtype=torch.int64)))
 
 
+def test_fast_path_embedding_passes_other_lookup_errors_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ids out of range become the id-range EnsembleError; any other failure of the lookup keeps its own text."""
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the lookup failed for another reason")
+
+    ens = Ensemble(BagOfWords, 3)
+    monkeypatch.setattr(torch.Tensor, "index_select", failing)
+    with pytest.raises(RuntimeError, match="another reason"):
+        ens(torch.ones(2, 5, dtype=torch.int64))
+    monkeypatch.setattr(torch, "gather", failing)
+    with pytest.raises(RuntimeError, match="another reason"):
+        ens(torch.ones(3, 2, 5, dtype=torch.int64), in_dims=0)
+
+
 def test_fast_path_refuses_reshapes_it_cannot_map_and_explains_bad_dims() -> None:
     """A reshape reading another tensor's size stays on vmap; a dim past the member's is an EnsembleError."""
 
