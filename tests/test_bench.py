@@ -193,8 +193,18 @@ def test_verdict_never_prints_a_ratio_that_contradicts_its_words(ratio: float) -
 
 @pytest.mark.parametrize(
     ("ratio", "text"),
-    [(2.61, "2.6x"), (0.947, "0.95x"), (1.04, "1.04x"), (0.996, "0.996x")],
+    [(2.61, "2.6x"), (0.947, "0.95x"), (1.04, "1.04x"), (0.996, "0.996x"), (1.00003, "1.00003x")],
 )
 def test_format_ratio_keeps_a_difference_from_one_visible(ratio: float, text: str) -> None:
     """Ratios print with two significant digits, more only where rounding would show 1."""
     assert format_ratio(ratio) == text
+
+
+def test_a_range_end_just_beyond_one_never_prints_as_one() -> None:
+    """A decided verdict whose range end is 1.00003 prints it as such (CI once printed '1.0000x slower')."""
+    loop = _timing("loop", [1.0] * 10)
+    ens = _timing("Ensemble", [1.00003] * 2 + [1.1] * 8)
+    text = tutorial.verdict(ens, loop)
+    assert "slower" in text
+    numbers = [float(n) for n in re.findall(r"(\d+(?:\.\d+)?)x", text)]
+    assert min(numbers) > 1, text

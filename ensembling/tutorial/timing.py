@@ -134,14 +134,16 @@ def format_ratio(ratio: float) -> str:
     --------
     >>> format_ratio(2.61), format_ratio(0.947), format_ratio(1.496), format_ratio(13.4)
     ('2.6x', '0.95x', '1.5x', '13x')
-    >>> format_ratio(1.04), format_ratio(1.0)
-    ('1.04x', '1.0x')
+    >>> format_ratio(1.04), format_ratio(1.0), format_ratio(1.000004), format_ratio(0.9999996)
+    ('1.04x', '1.0x', '1.000004x', '0.9999996x')
     """
     if ratio >= 10:
         return f"{ratio:.0f}x"
     decimals = 1 if ratio >= 1 else 2
-    while ratio != 1 and float(f"{ratio:.{decimals}f}") == 1 and decimals < 4:
-        decimals += 1  # 1.04 must not read as 1.0, nor 0.996 as 1.00
+    # 1.04 must not read as 1.0, nor 0.996 as 1.00: a verdict's words follow the unrounded
+    # values, so a range end that is not 1 never prints as 1 (up to double precision).
+    while ratio != 1 and float(f"{ratio:.{decimals}f}") == 1 and decimals < 17:
+        decimals += 1
     return f"{ratio:.{decimals}f}x"
 
 
