@@ -71,19 +71,23 @@ html_sidebars = {"index": [], "tutorials/*/plot_*": [], "api": [], "generated/*"
 def _first_notebook_cell(version: str) -> str:
     """The first cell of every notebook: install what is missing, then figures inline.
 
-    In a fresh Jupyter or Colab kernel that has only torch, the imports fail and
-    the cell installs this docs build's release of the package with the
-    tutorials' extras (matplotlib, scikit-learn, transformers); pip keeps the
-    kernel's torch.
-    Where everything is installed (the stored notebooks, nbval) it prints nothing.
+    In a fresh Jupyter or Colab kernel that has only torch, some of the modules
+    are missing and the cell installs this docs build's release of the package
+    with the tutorials' extras (matplotlib, scikit-learn, transformers,
+    ipywidgets); pip keeps the kernel's torch. It looks the modules up without
+    importing them: importing transformers costs seconds, and in a kernel
+    without ipywidgets it prints tqdm's "IProgress not found" warning.
+    Where everything is installed (the stored notebooks, nbval) it prints nothing
+    (tests/test_notebooks.py checks that of every stored notebook).
     tests/test_reader_install.py runs a downloaded notebook through this path.
     """
     return (
         "# Installs what this page needs where it is missing (a fresh Jupyter or Colab\n"
-        "# kernel with torch): ensembling, matplotlib, scikit-learn and transformers.\n"
-        "try:\n"
-        "    import ensembling, matplotlib, sklearn, transformers\n"
-        "except ImportError:\n"
+        "# kernel with torch): ensembling, matplotlib, scikit-learn, transformers, ipywidgets.\n"
+        "from importlib.util import find_spec\n"
+        "\n"
+        'needed = ["ensembling", "matplotlib", "sklearn", "transformers", "ipywidgets"]\n'
+        "if not all(map(find_spec, needed)):\n"
         f'    %pip install "ensembling[tutorials]=={version}"\n'
         "%matplotlib inline"
     )

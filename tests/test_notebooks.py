@@ -274,12 +274,18 @@ def test_notebook_prose_has_no_raw_sphinx_roles(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebooks_start_by_showing_figures_inline(path: Path) -> None:
-    """The first cell installs what is missing and runs %matplotlib inline (MPLBACKEND=Agg cannot hide the figures)."""
+    """The first cell installs what is missing and runs %matplotlib inline (MPLBACKEND=Agg cannot hide the figures).
+
+    Where everything is installed it prints nothing: no pip output, and no
+    warning from an import (it once imported transformers, whose tqdm printed
+    "IProgress not found" with the path of the maintainer's environment).
+    """
     import ensembling
 
     first = nbformat.read(path, as_version=4).cells[0]
     assert first.cell_type == "code" and first.source.splitlines()[-1] == "%matplotlib inline"
     assert f'%pip install "ensembling[tutorials]=={ensembling.__version__}"' in first.source
+    assert first.outputs == [], f"the first cell printed: {first.outputs}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
