@@ -2,19 +2,18 @@
 
 A reader downloads a page's notebook and opens it in a fresh Jupyter (or Colab)
 kernel that has torch and nothing else. Its first cell (``first_notebook_cell``
-in docs/conf.py) finds the tutorials' imports missing and runs
+in docs/conf.py) finds the tutorials' modules missing and runs
 ``%pip install "ensembling[tutorials]==<release>"``. Here a wheel built from
 this checkout stands in for the package index: pip sees it through
-``PIP_FIND_LINKS``, while matplotlib and scikit-learn come from whatever index
-pip is configured with (so the test needs the package index, as CI has). The
-notebook is a copy of the site's download, in a folder outside the repository,
-run by a kernel of a fresh virtual environment. One page is enough: the first
-cell is the same on every page (docs/conf.py), and plot_04 needs every extra
-(the package, matplotlib and scikit-learn); every page is executed elsewhere
-anyway (the docs build, nbval, the busy-CPU run). Measured on the 2-core CI
-machine: 27 s for the wheel and the environment, then 80 s for the install
-from the package index and the page; with plot_01 as well, the two pages
-took 114 s after the same set-up.
+``PIP_FIND_LINKS``, while the extras (matplotlib, scikit-learn, transformers,
+ipywidgets) come from whatever index pip is configured with (so the test needs
+the package index, as CI has). The notebook is a copy of the site's download,
+in a folder outside the repository, run by a kernel of a fresh virtual
+environment. One page is enough: the first cell is the same on every page
+(docs/conf.py), and plot_04 imports the package, matplotlib and scikit-learn;
+every page is executed elsewhere anyway (the docs build, nbval, the busy-CPU
+run). Measured on the 2-core CI machine: 27 s for the wheel and the
+environment, then 60 s for the install from the package index and the page.
 """
 
 from __future__ import annotations
@@ -35,9 +34,11 @@ import ensembling
 from conftest import ROOT
 
 DOWNLOADS = ROOT / "docs" / "_build" / "html" / "_downloads"
-# plot_04 needs the package, matplotlib and scikit-learn: every extra the first cell installs.
+# plot_04 needs the package, matplotlib and scikit-learn.
 PAGES = ["plot_04_training_an_ensemble"]
-EXTRAS = ("ensembling", "matplotlib", "sklearn")  # what the first cell tries to import
+# What the first cell looks for (import names), and the distributions that provide them.
+EXTRAS = ("ensembling", "matplotlib", "sklearn", "transformers", "ipywidgets")
+DISTRIBUTIONS = ("ensembling", "matplotlib", "scikit-learn", "transformers", "ipywidgets")
 INSTALL_LINE = f'%pip install "ensembling[tutorials]=={ensembling.__version__}"'
 # Not needed to build the wheel: version control, environments, build output, the site.
 NOT_COPIED = {".git", "build", "dist", "docs", "notebooks", ".make", ".hypothesis", "__pycache__"}
@@ -124,6 +125,7 @@ def _reader_env(python: Path, wheel: Path, home: Path) -> dict[str, str]:
     env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     env["PIP_FIND_LINKS"] = f"{wheel.parent} {env.get('PIP_FIND_LINKS', '')}".strip()
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_COMPILE"] = "1"  # bytecode compilation is most of an install's time and changes nothing here
     for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "IPYTHONDIR"):
         env[name] = str(home / name.lower())
     env.pop("JUPYTER_PATH", None)
@@ -131,7 +133,7 @@ def _reader_env(python: Path, wheel: Path, home: Path) -> dict[str, str]:
 
 
 def _importable(python: Path, cwd: Path) -> list[str]:
-    """Which of the first cell's imports the environment of ``python`` can find."""
+    """Which of the modules the first cell looks for the environment of ``python`` can find."""
     probe = f"import importlib.util as u; print(' '.join(m for m in {EXTRAS!r} if u.find_spec(m)))"
     return _run(python, "-c", probe, cwd=cwd).stdout.split()
 
@@ -189,7 +191,7 @@ def test_downloaded_notebook_installs_itself_and_runs(
     assert not folder.resolve().is_relative_to(ROOT)
     notebook = Path(shutil.copy(download, folder))
     # Each page starts from an environment without the package and its extras.
-    _pip(reader_python, "uninstall", "--yes", "ensembling", "matplotlib", "scikit-learn", cwd=folder)
+    _pip(reader_python, "uninstall", "--yes", *DISTRIBUTIONS, cwd=folder)
     assert _importable(reader_python, folder) == []
 
     executed = tmp_path / "executed.ipynb"
