@@ -50,10 +50,10 @@ def requirement_lines(keep_torch: bool) -> list[str]:
 def pip(*args: str) -> None:
     # pip byte-compiles every module it installs (130 s of requirements.txt's
     # install on a 2-core machine, against 72 s with --no-compile). That is kept
-    # on purpose: where PYTHONDONTWRITEBYTECODE is set, as on the CI machines,
-    # Python never caches what it compiles on import, so without pip's .pyc files
-    # every process (test subprocesses, notebook kernels, distributed ranks)
-    # compiles torch from source again: CI's tests took 67 s longer.
+    # on purpose: where PYTHONDONTWRITEBYTECODE is set, as on this project's
+    # machines, Python never caches what it compiles on import, so without pip's
+    # .pyc files every process (test subprocesses, notebook kernels, distributed
+    # ranks) compiles torch from source again: `.ci/run`'s tests took 67 s longer.
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
