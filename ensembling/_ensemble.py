@@ -13,7 +13,8 @@ The data flow, and where each part lives::
             v
     forward: options (_options.py) and in_dims checked once, then
              the fast path (_fastpath.py), or, as measured per input signature
-             (_strategy.py), vmap over the runner (_vmap.py) or the members back to back
+             (_planner.py), vmap over the runner (_vmap.py) or the members back to back
+             (_strategy.py)
             |
             v
     ens[i] / unstack() / state_dict() / load_state_dict()   _state.py
@@ -120,8 +121,9 @@ class Ensemble(nn.Module):
         ``"loop"``, one after another through torch's own (fused) kernels,
         reading views of the stacked tensors; ``"auto"``, whichever the first
         calls of each input signature measure faster on this device (see
-        :meth:`plan`), measured again after 50, 200, 800, ... more calls in
-        case conditions changed. All give the loop's answer.
+        :meth:`plan`), measured again after 50, 200, 800, ... more calls (later
+        where the two measured far apart) in case conditions changed. All
+        give the loop's answer.
     seed : int, optional
         Initialize member ``i`` from its own seed derived from ``(seed, i)``,
         one member after another, instead of drawing all members in one

@@ -12,26 +12,16 @@ Two strategies give the loop's answer:
   in-place buffer updates (BatchNorm running statistics) land in the stacked
   buffers, exactly as in the loop.
 
-With ``strategy="auto"`` a :class:`Planner` measures both on the first calls of
-each input signature (shapes, dtypes, device, train/eval, grad mode, ...): the
-calls alternate strategies, each is timed on the device (a training call from
-its start to the start of the next call of the same signature, so the
-backward pass and the optimizer step count too), and the faster is kept for
-that signature. A choice is measured again after 50 more calls of its
-signature, then after 200, 800, ... (each interval four times the last): a
-choice made while the machine was busy does not stay wrong for a whole
-training run, and re-measuring costs a vanishing share of the calls. Every
-measured call is a real call with a real answer, so measuring changes no
-state the loop would not change. Under :func:`torch.compile` nothing is
-measured: the cached or forced choice runs, ``"vectorized"`` by default.
+With ``strategy="auto"`` a planner (``_planner.py``) measures both on the
+first calls of each input signature and keeps the faster. Under
+:func:`torch.compile` nothing is measured: the cached or forced choice runs,
+``"vectorized"`` by default.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,18 +29,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._device import synchronize
 from ._errors import EnsembleError
+from ._planner import SCALARS, Planner, describe_call, measured, signature
 from ._state import Places, identity
 
 __all__ = [
-    "Planner", "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "shells_of",
+    "Shells", "describe_plan", "loop_forward", "plan_summary", "run_fast", "run_strategy", "shells_of",
     "stack_outputs",
 ]  # fmt: skip
-
-_WARMUP, _SAMPLES = 1, 4  # per strategy and signature: calls not timed, then calls timed (the fastest counts)
-_RECHECK_FIRST, _RECHECK_GROWTH = 50, 4  # steady calls before a choice is measured again; the interval's growth
-_SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
 def _slice(value: Any, dim: Any, index: int) -> Any:
@@ -172,102 +158,9 @@ def _loopable(args: tuple[Any, ...], kwargs: dict[str, Any], dims: tuple[Any, ..
     if not kwargs and all(type(a) is Tensor for a in args) and all(d is None or type(d) is int for d in dims):
         return True
     leaves = tree_flatten((args, kwargs))[0]
-    if any(isinstance(leaf, PackedSequence) or not isinstance(leaf, (Tensor, *_SCALARS)) for leaf in leaves):
+    if any(isinstance(leaf, PackedSequence) or not isinstance(leaf, (Tensor, *SCALARS)) for leaf in leaves):
         return False
     return all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in (*dims, *kw_dims.values()))
-
-
-def _describe(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return (tuple(value.shape), value.dtype, value.device)
-    return value if isinstance(value, _SCALARS) else type(value).__qualname__
-
-
-def signature(args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any, kw_dims: Any, extra: tuple[Any, ...]) -> Any:
-    """What a plan depends on: every input's shape, dtype and device (or value), the split dims and ``extra``."""
-    if not kwargs and all(isinstance(a, Tensor) for a in args) and all(d is None or type(d) is int for d in dims):
-        return (tuple((a.shape, a.dtype, a.device) for a in args), dims, extra)  # the common case, quickly
-    leaves, spec = tree_flatten((args, kwargs))
-    key = (spec, tuple(_describe(leaf) for leaf in leaves), repr(dims), repr(sorted(kw_dims.items())), extra)
-    return key
-
-
-@dataclass
-class Plan:
-    """One input signature's choice, and the measurements it was made from (seconds per call)."""
-
-    description: str
-    choice: str | None = None  # None while measuring
-    names: tuple[str, str] = ("vectorized", "loop")  # the two candidates; the first is the default
-    times: dict[str, list[float]] = field(default_factory=dict)
-    calls: int = 0
-    pending: tuple[str, float] | None = None  # a training call's strategy and start, timed until the next call
-    steady: int = 0  # calls since the choice was made
-    recheck_after: float = _RECHECK_FIRST  # steady calls before measuring again (inf: never, the choice is forced)
-    previous: str | None = None  # the choice being measured again
-
-    def settled(self) -> str | None:
-        """The choice for this call; None while measuring, or when it is due to be measured again (from now)."""
-        if self.choice is None or self.pending is not None:
-            return None
-        self.steady += 1
-        if self.steady <= self.recheck_after:
-            return self.choice
-        # Conditions may have changed since the choice (load, threads, data): measure both again.
-        self.previous, self.choice, self.calls, self.steady = self.choice, None, 0, 0
-        self.times = {name: [] for name in self.names}
-        self.recheck_after *= _RECHECK_GROWTH
-        return None
-
-    def summary(self) -> str:
-        def best(ts: list[float]) -> str:  # the fastest timed call, after the warm-up ones
-            return f"{min(ts[_WARMUP:] or ts) * 1e3:.3g} ms"
-
-        measured = ", ".join(f"{name} {best(ts)}" for name, ts in self.times.items() if ts)
-        state = self.choice or (f"{self.previous}, measuring again" if self.previous else "measuring")
-        return f"{self.description} -> {state}" + (f" (measured: {measured})" if measured else "")
-
-
-class Planner:
-    """Per input signature, which strategy runs the members; measured (and re-measured) when ``strategy="auto"``."""
-
-    def __init__(self) -> None:
-        self.plans: dict[Any, Plan] = {}
-
-    def choose(
-        self, key: Any, describe: Callable[[], str], measurable: bool, names: tuple[str, str] = ("vectorized", "loop")
-    ) -> tuple[str, Plan | None]:
-        """The candidate for this call of signature ``key``, and its plan if the call is to be timed."""
-        plan = self.plans.get(key)
-        if plan is None:
-            plan = Plan(describe(), choice=None if measurable else names[0], names=names, times={n: [] for n in names})
-            plan.recheck_after = _RECHECK_FIRST if measurable else float("inf")
-            self.plans[key] = plan
-        if plan.pending is not None:  # the previous training call of this signature ends here
-            name, start = plan.pending
-            plan.times[name].append(time.perf_counter() - start)
-            plan.pending = None
-            _decide(plan)
-        if plan.choice is not None:
-            return plan.choice, None
-        plan.calls += 1
-        return plan.names[0 if plan.calls % 2 else 1], plan
-
-    def forget_pending(self) -> None:
-        """Another signature ran in between: the open interval would time both, so it is dropped."""
-        for plan in self.plans.values():
-            plan.pending = None
-
-    def describe(self) -> list[str]:
-        return [plan.summary() for plan in self.plans.values()]
-
-
-def _decide(plan: Plan) -> None:
-    if all(len(ts) >= _WARMUP + _SAMPLES for ts in plan.times.values()):
-        # Other programs only ever slow a call down: the fastest timed call is the least disturbed estimate.
-        plan.choice = min(plan.names, key=lambda name: min(plan.times[name][_WARMUP:]))
-    elif plan.calls > 4 * (_WARMUP + _SAMPLES):  # intervals kept being interrupted: keep what ran, or the default
-        plan.choice = plan.previous or plan.names[0]
 
 
 def run_members(
@@ -299,46 +192,9 @@ def run_members(
     choice = None if known is None else known.settled()
     if choice is not None:  # the steady state
         return loop() if choice == "loop" else vectorized()
-    describe = lambda: _describe_call(args, kwargs, dims, kw_dims, key_extra)  # noqa: E731
+    describe = lambda: describe_call(args, kwargs, dims, kw_dims, key_extra)  # noqa: E731
     name, plan = planner.choose(key, describe, _loopable(args, kwargs, dims, kw_dims))
     return measured(plan, name, {"vectorized": vectorized, "loop": loop}, device)
-
-
-def measured(plan: Plan | None, name: str, runners: dict[str, Callable[[], Any]], device: torch.device) -> Any:
-    """Run candidate ``name``; while ``plan`` is measuring, time the call (a training call: until the next one)."""
-    if plan is None:
-        return runners[name]()
-    synchronize(device)
-    start = time.perf_counter()
-    out = runners[name]()
-    leaves = tree_flatten(out)[0]
-    if plan.calls == 1 and any(not isinstance(x, (Tensor, *_SCALARS)) for x in leaves):
-        plan.choice = plan.names[0]  # outputs the loop could not stack (objects such as caches)
-        plan.recheck_after = float("inf")
-    elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
-        plan.pending = (name, start)  # timed until the next call: backward and optimizer step included
-    else:
-        synchronize(device)
-        plan.times[name].append(time.perf_counter() - start)
-        _decide(plan)
-    return out
-
-
-def _describe_call(args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any, kw_dims: Any, extra: tuple) -> str:
-    """A signature in words: ``x: [8, 1, 28, 28] float32 cpu (shared), eval, no grad``."""
-
-    def word(value: Any, dim: Any) -> str:
-        tensors = [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
-        if not tensors:
-            return type(value).__name__
-        t = tensors[0]
-        how = "shared" if dim is None else f"split on dim {dim}"
-        return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')} {t.device} ({how})"
-
-    words = [word(a, d) for a, d in zip(args, dims)]
-    words += [f"{k}={word(v, kw_dims.get(k))}" for k, v in kwargs.items()]
-    training, grad = extra[0], extra[1]
-    return f"({', '.join(words)}), {'train' if training else 'eval'}, {'grad' if grad else 'no grad'}"
 
 
 def run_strategy(

@@ -1,8 +1,10 @@
-"""ensembling._strategy: every strategy gives the loop's answer; auto measures once per signature, visibly."""
+"""ensembling._strategy and _planner: every strategy gives the loop's answer; auto measures per signature, visibly."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -143,28 +145,39 @@ class _Clock:
         return run
 
 
-def test_auto_measures_a_choice_again_so_a_choice_made_under_load_does_not_stay(monkeypatch) -> None:
-    """Measured again after 50 steady calls, then 200, 800, ...: the choice follows changed conditions,
-    and on steady conditions the other strategy runs a small, shrinking share of the calls."""
+def _auto_calls(monkeypatch: pytest.MonkeyPatch) -> tuple[_Clock, Any, Callable[[], None]]:
+    """A planner on a fake clock, and a call of one input signature through it (strategy='auto')."""
+    import ensembling._planner as planning
     import ensembling._strategy as module
 
     clock = _Clock()
-    monkeypatch.setattr(module.time, "perf_counter", clock)
-    planner, x = module.Planner(), torch.zeros(3)
+    monkeypatch.setattr(planning.time, "perf_counter", clock)
+    planner, x = planning.Planner(), torch.zeros(3)
 
     def call() -> None:
         vectorized, loop = clock.runner("vectorized"), clock.runner("loop")
         module.run_members(planner, "auto", (False, False, None), (x,), {}, (None,), {}, vectorized, loop, x.device)
 
+    return clock, planner, call
+
+
+def test_auto_measures_a_choice_again_so_a_choice_made_under_load_does_not_stay(monkeypatch) -> None:
+    """Measured again after 50, 200, 800, ... steady calls, or later where the candidates measured far apart:
+    the choice follows changed conditions, and on steady conditions the other strategy runs a small, shrinking
+    share of the calls."""
+    clock, planner, call = _auto_calls(monkeypatch)
     clock.cost["loop"] = 3.0  # the first calls: the loop strategy suffers from a burst of load
     for _ in range(10):
         call()
     (plan,) = planner.plans.values()
     assert plan.choice == "vectorized" and clock.ran.count("loop") == 5
+    # 3x apart: a check costs 5 loop calls, 10 vectorized calls' worth of extra time, which is 5 % of
+    # 200 steady calls: the first check comes after 200 calls, not 50.
+    assert plan.recheck_after == 200
     clock.cost.update(vectorized=2.0, loop=1.0)  # the burst is over: the loop is the faster after all
-    for _ in range(50):
+    for _ in range(200):
         call()
-    assert clock.ran[-50:] == ["vectorized"] * 50  # steady: the choice runs
+    assert clock.ran[-200:] == ["vectorized"] * 200  # steady: the choice runs
     call()
     assert "vectorized, measuring again" in plan.summary()
     for _ in range(9):
@@ -175,6 +188,25 @@ def test_auto_measures_a_choice_again_so_a_choice_made_under_load_does_not_stay(
         call()
     assert clock.ran.count("vectorized") == 10 and plan.choice == "loop"
     assert plan.recheck_after == 50 * 4**3
+
+
+def test_auto_measures_a_far_slower_candidate_again_rarely(monkeypatch) -> None:
+    """A candidate measured 10x slower is measured again after 900 steady calls (its 5 calls in a check then
+    cost 5 % of those calls' time), not after 50, where they would double the average time per call."""
+    clock, planner, call = _auto_calls(monkeypatch)
+    clock.cost["loop"] = 10.0
+    for _ in range(10):
+        call()
+    (plan,) = planner.plans.values()
+    assert plan.choice == "vectorized" and plan.recheck_after == 900
+    clock.ran.clear()
+    start = clock.now
+    for _ in range(900 + 10):  # 900 steady calls, then the check
+        call()
+    assert clock.ran[:900] == ["vectorized"] * 900 and clock.ran.count("loop") == 5
+    extra = clock.now - start - 910 * clock.cost["vectorized"]  # over running the choice every time
+    assert extra <= 0.05 * 900 * clock.cost["vectorized"]
+    assert plan.choice == "vectorized" and plan.recheck_after == 900  # max(200, 900)
 
 
 @pytest.mark.parametrize("strategy", ["vectorized", "loop"])

@@ -276,7 +276,9 @@ for name, ens in ensembles.items():
 # alternate two strategies, ``vectorized`` (``vmap`` with the stand-ins) and
 # ``loop`` (the members back to back through torch's own fused kernels), and
 # keep the faster for that signature; the choice is measured again after 50,
-# 200, 800, ... more calls, in case the machine got busier or quieter.
+# 200, 800, ... more calls (later where the two measured far apart, so that a
+# check's calls of the slower one cost at most 5 % of the time in between), in
+# case the machine got busier or quieter.
 # :meth:`~ensembling.Ensemble.plan` shows what was measured and chosen on this
 # machine:
 for name, ens in ensembles.items():
