@@ -1,19 +1,22 @@
 """Which strategy runs an input signature: measured on its first calls, and measured again now and then.
 
-With ``strategy="auto"`` the :class:`Planner` measures both on the first calls of
-each input signature (shapes, dtypes, device, train/eval, grad mode, ...): the
-calls alternate strategies, each is timed on the device (a training call from
-its start to the start of the next call of the same signature, so the
-backward pass and the optimizer step count too), and the faster is kept for
-that signature. A choice is measured again after 50 more calls of its
-signature, then after 200, 800, ... (each interval four times the last), and
-never sooner than keeps the slower strategy's calls in a check within 5 % of
-the time since the last one (a 10x slower loop: after 900 calls): a choice
-made while the machine was busy does not stay wrong for a whole training run,
-and re-measuring costs a small, vanishing share of the time. Every
-measured call is a real call with a real answer, so measuring changes no
-state the loop would not change. Under :func:`torch.compile` nothing is
-measured: the cached or forced choice runs, ``"vectorized"`` by default.
+With ``strategy="auto"`` the :class:`Planner` measures two candidates
+(``vectorized`` and ``loop`` for members off the fast path; the fast path's two
+activation layouts under autograd) on the first calls of each input signature
+(shapes, dtypes, device, train/eval, grad mode, ...): the calls alternate
+candidates, each is timed on the device (a training call from its start to the
+start of the next call of the same signature, so the backward pass and the
+optimizer step count too), and the faster is kept for that signature.
+
+A choice is measured again after 50 more calls of its signature, then after
+200, 800, ... (each interval four times the last), so a choice made while the
+machine was busy does not stay wrong for a whole training run. Where the two
+measured far apart the check waits longer: its calls of the slower candidate
+may cost at most 5 % of the time the calls since the last check took (a loop
+10x slower than vmap is measured again after 900 calls, not 50). Every
+measured call is a real call with a real answer, so measuring changes no state
+the loop would not change. Under :func:`torch.compile` nothing is measured: the
+cached or forced choice runs, ``"vectorized"`` by default.
 """
 
 from __future__ import annotations
