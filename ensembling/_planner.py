@@ -69,7 +69,7 @@ class Plan:
     calls: int = 0
     pending: tuple[str, float] | None = None  # a training call's strategy and start, timed until the next call
     steady: int = 0  # calls since the choice was made
-    recheck_after: float = _RECHECK_FIRST  # steady calls before measuring again (inf: never, the choice is forced)
+    recheck_after: float = float("inf")  # steady calls before measuring again; set when a measurement decides
     previous: str | None = None  # the choice being measured again
     checks: int = 0  # how many times the choice was measured again
 
@@ -108,8 +108,7 @@ class Planner:
         plan = self.plans.get(key)
         if plan is None:
             plan = Plan(describe(), choice=None if measurable else names[0], names=names, times={n: [] for n in names})
-            plan.recheck_after = _RECHECK_FIRST if measurable else float("inf")
-            self.plans[key] = plan
+            self.plans[key] = plan  # (a choice not measured, as here, is never measured again)
         if plan.pending is not None:  # the previous training call of this signature ends here
             name, start = plan.pending
             plan.times[name].append(time.perf_counter() - start)
@@ -163,8 +162,7 @@ def measured(plan: Plan | None, name: str, runners: dict[str, Callable[[], Any]]
     out = runners[name]()
     leaves = tree_flatten(out)[0]
     if plan.calls == 1 and any(not isinstance(x, (Tensor, *SCALARS)) for x in leaves):
-        plan.choice = plan.names[0]  # outputs the loop could not stack (objects such as caches)
-        plan.recheck_after = float("inf")
+        plan.choice = plan.names[0]  # outputs the loop could not stack (objects such as caches): never measured again
     elif torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in leaves):
         plan.pending = (name, start)  # timed until the next call: backward and optimizer step included
     else:
