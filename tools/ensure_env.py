@@ -11,13 +11,18 @@
 
 from __future__ import annotations
 
+import compileall
+import concurrent.futures
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,15 +53,44 @@ def requirement_lines(keep_torch: bool) -> list[str]:
 
 
 def pip(*args: str) -> None:
-    # pip byte-compiles every module it installs (130 s of requirements.txt's
-    # install on a 2-core machine, against 72 s with --no-compile). That is kept
-    # on purpose: where PYTHONDONTWRITEBYTECODE is set, as on this project's
-    # machines, Python never caches what it compiles on import, so without pip's
-    # .pyc files every process (test subprocesses, notebook kernels, distributed
-    # ranks) compiles torch from source again: `.ci/run`'s tests took 67 s longer.
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    """pip install ``args``, then compile the bytecode of what it installed, on every core.
+
+    Bytecode is needed: where PYTHONDONTWRITEBYTECODE is set, as on this
+    project's machines, Python never caches what it compiles on import, and
+    without .pyc files every process (test subprocesses, notebook kernels,
+    distributed ranks) compiles torch from source again (`.ci/run`'s tests took
+    67 s longer). pip compiles on one core (58 of the 130 s that requirements.txt
+    takes on a 2-core machine); compileall over the installed files' folders
+    uses them all, and touches nothing that this install did not write.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
+        cmd += ["--report", str(report), *args]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        names = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
+    compile_installed(names)
+
+
+def compile_installed(names: list[str]) -> None:
+    """Write the .pyc files of the installed distributions ``names``, in parallel."""
+    importlib.invalidate_caches()
+    folders: set[Path] = set()
+    for name in names:
+        dist = importlib.metadata.distribution(name)
+        for file in dist.files or []:
+            if file.suffix == ".py" and not file.parts[0].endswith((".dist-info", ".data")) and ".." not in file.parts:
+                folders.add(Path(dist.locate_file(file)).parent)
+    started = time.monotonic()
+    # compile_dir with maxlevels=0 compiles one folder's own files; the pool spreads the folders.
+    with concurrent.futures.ProcessPoolExecutor() as pool:
+        list(pool.map(_compile_folder, sorted(folders), chunksize=16))
+    print(f"compiled the bytecode of {len(names)} distributions in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def _compile_folder(folder: Path) -> bool:
+    return compileall.compile_dir(folder, maxlevels=0, quiet=2)
 
 
 def repair_torchvision() -> None:
