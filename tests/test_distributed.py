@@ -93,10 +93,18 @@ def test_shards_gather_to_the_single_process_ensemble() -> None:
             assert torch.equal(r["whole"][name], value), name
 
 
-def test_sharded_training_equals_single_process_training_and_checkpoints_reshard(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, torch.Tensor]]:
+    """5 digits members trained on 2 ranks and saved (one launch for the tests that read it): path, state."""
+    path = str(tmp_path_factory.mktemp("sharded") / "ckpt")
+    return path, launch(train_and_save_worker, 2, path, timeout_s=TIMEOUT_S)[0]["state"]
+
+
+def test_sharded_training_equals_single_process_training_and_checkpoints_reshard(
+    checkpoint: tuple[str, dict[str, torch.Tensor]],
+) -> None:
     """Train on 2 ranks == train in one process; the checkpoint loads on 3 ranks and in one process."""
-    path = str(tmp_path / "ckpt")
-    trained = launch(train_and_save_worker, 2, path, timeout_s=TIMEOUT_S)[0]["state"]
+    path, trained = checkpoint
     single = train_digits(Ensemble(digits_member, 5, seed=3), 5, steps=15, seed=3)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -111,10 +119,11 @@ def test_sharded_training_equals_single_process_training_and_checkpoints_reshard
     assert loaded(X_test).shape == (5, len(X_test), 10)
 
 
-def test_checkpoint_with_a_different_member_count_is_refused_on_every_rank(tmp_path: Path) -> None:
+def test_checkpoint_with_a_different_member_count_is_refused_on_every_rank(
+    checkpoint: tuple[str, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
     """Loading 5 saved members into a 6-member ensemble fails clearly, on each rank and in one process."""
-    path = str(tmp_path / "ckpt")
-    launch(train_and_save_worker, 2, path, timeout_s=TIMEOUT_S)
+    path, _ = checkpoint
     with pytest.raises(EnsembleError) as info:
         launch(load_worker, 2, path, 6, timeout_s=TIMEOUT_S)
     for rank in (0, 1):
