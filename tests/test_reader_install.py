@@ -12,8 +12,8 @@ in a folder outside the repository, run by a kernel of a fresh virtual
 environment. One page is enough: the first cell is the same on every page
 (docs/conf.py), and plot_04 imports the package, matplotlib and scikit-learn;
 every page is executed elsewhere anyway (the docs build, nbval, the busy-CPU
-run). Measured on a 2-core machine: 22-30 s for the wheel and the
-environment, then 60-68 s for the install from the package index and the page.
+run). Measured on a 2-core machine: 22-32 s for the wheel and the
+environment, then 60-84 s for the install from the package index and the page.
 """
 
 from __future__ import annotations
