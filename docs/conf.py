@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,27 +69,33 @@ html_theme_options = {
 html_sidebars = {"index": [], "tutorials/*/plot_*": [], "api": [], "generated/*": []}
 
 
-def _first_notebook_cell(version: str) -> str:
-    """The first cell of every notebook: install what is missing, then figures inline.
+def _first_notebook_cell(version: str, huggingface: bool = False) -> str:
+    """The first cell of a notebook: install what its page needs where it is missing, then figures inline.
 
     In a fresh Jupyter or Colab kernel that has only torch, some of the modules
     are missing and the cell installs this docs build's release of the package
-    with the tutorials' extras (matplotlib, scikit-learn, transformers,
-    ipywidgets); pip keeps the kernel's torch. It looks the modules up without
+    with the extras that page needs: ``tutorials`` (matplotlib, scikit-learn) on
+    every page, and ``huggingface`` (transformers, ipywidgets) on a page that
+    imports transformers (``_notebook_for_page``), so the other pages' readers
+    do not wait for it (half of the install on a 2-core machine, 53 s against
+    29 s). pip keeps the kernel's torch. The cell looks the modules up without
     importing them: importing transformers costs seconds, and in a kernel
     without ipywidgets it prints tqdm's "IProgress not found" warning.
     Where everything is installed (the stored notebooks, nbval) it prints nothing
     (tests/test_notebooks.py checks that of every stored notebook).
     tests/test_reader_install.py runs a downloaded notebook through this path.
     """
+    modules = ["ensembling", "matplotlib", "sklearn", *(["transformers", "ipywidgets"] if huggingface else [])]
+    names = "ensembling, matplotlib, scikit-learn" + (", transformers, ipywidgets" if huggingface else "")
+    extras = "tutorials,huggingface" if huggingface else "tutorials"
     return (
         "# Installs what this page needs where it is missing (a fresh Jupyter or Colab\n"
-        "# kernel with torch): ensembling, matplotlib, scikit-learn, transformers, ipywidgets.\n"
+        f"# kernel with torch): {names}.\n"
         "from importlib.util import find_spec\n"
         "\n"
-        'needed = ["ensembling", "matplotlib", "sklearn", "transformers", "ipywidgets"]\n'
+        f"needed = {json.dumps(modules)}\n"
         "if not all(map(find_spec, needed)):\n"
-        f'    %pip install "ensembling[tutorials]=={version}"\n'
+        f'    %pip install "ensembling[{extras}]=={version}"\n'
         "%matplotlib inline"
     )
 
@@ -159,3 +166,27 @@ if not getattr(sphinx_gallery.notebook.rst2md, "rewrites_roles", False):
     _rst2md = sphinx_gallery.notebook.rst2md
     _rst2md_with_roles.rewrites_roles = True  # type: ignore[attr-defined]
     sphinx_gallery.notebook.rst2md = _rst2md_with_roles
+
+
+# The first cell installs what its page imports: a page that imports transformers
+# gets the ``huggingface`` extra too (see _first_notebook_cell). sphinx-gallery
+# takes one first cell for every page, so its notebook writer is wrapped, where
+# the docs build (gen_rst) and tools/notebooks.py (notebook) look it up.
+import sphinx_gallery.gen_rst  # noqa: E402
+
+_IMPORTS_TRANSFORMERS = re.compile(r"^(?:from|import) transformers\b", re.M)
+
+
+def _notebook_for_page(script_blocks, gallery_conf, target_dir):
+    """sphinx-gallery's jupyter_notebook, with the first cell of the page's own needs."""
+    code = "\n".join(block.content for block in script_blocks if block.type == "code")
+    huggingface = _IMPORTS_TRANSFORMERS.search(code) is not None
+    conf = {**gallery_conf, "first_notebook_cell": _first_notebook_cell(release, huggingface)}
+    return _jupyter_notebook(script_blocks, conf, target_dir)
+
+
+if not getattr(sphinx_gallery.notebook.jupyter_notebook, "per_page_first_cell", False):
+    _jupyter_notebook = sphinx_gallery.notebook.jupyter_notebook
+    _notebook_for_page.per_page_first_cell = True  # type: ignore[attr-defined]
+    sphinx_gallery.notebook.jupyter_notebook = _notebook_for_page
+    sphinx_gallery.gen_rst.jupyter_notebook = _notebook_for_page

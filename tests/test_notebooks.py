@@ -269,7 +269,8 @@ def test_notebook_prose_has_no_raw_sphinx_roles(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebooks_start_by_showing_figures_inline(path: Path) -> None:
-    """The first cell installs what is missing and runs %matplotlib inline (MPLBACKEND=Agg cannot hide the figures).
+    """The first cell installs what its page imports where it is missing and runs %matplotlib inline
+    (MPLBACKEND=Agg cannot hide the figures): the huggingface extra only where the page imports transformers.
 
     Where everything is installed it prints nothing: no pip output, and no
     warning from an import (it once imported transformers, whose tqdm printed
@@ -277,9 +278,13 @@ def test_notebooks_start_by_showing_figures_inline(path: Path) -> None:
     """
     import ensembling
 
-    first = nbformat.read(path, as_version=4).cells[0]
+    notebook = nbformat.read(path, as_version=4)
+    first = notebook.cells[0]
+    code = "\n".join(cell.source for cell in notebook.cells[1:] if cell.cell_type == "code")
+    extras = "tutorials,huggingface" if re.search(r"^(from|import) transformers\b", code, re.M) else "tutorials"
     assert first.cell_type == "code" and first.source.splitlines()[-1] == "%matplotlib inline"
-    assert f'%pip install "ensembling[tutorials]=={ensembling.__version__}"' in first.source
+    assert f'%pip install "ensembling[{extras}]=={ensembling.__version__}"' in first.source
+    assert ('"transformers"' in first.source) is (extras != "tutorials")
     assert first.outputs == [], f"the first cell printed: {first.outputs}"
 
 

@@ -1,19 +1,22 @@
 """The reader's path: a notebook downloaded from the built site installs what it needs, then runs.
 
 A reader downloads a page's notebook and opens it in a fresh Jupyter (or Colab)
-kernel that has torch and nothing else. Its first cell (``first_notebook_cell``
-in docs/conf.py) finds the tutorials' modules missing and runs
+kernel that has torch and nothing else. Its first cell (``_first_notebook_cell``
+in docs/conf.py) finds the page's modules missing and runs
 ``%pip install "ensembling[tutorials]==<release>"``. Here a wheel built from
 this checkout stands in for the package index: pip sees it through
-``PIP_FIND_LINKS``, while the extras (matplotlib, scikit-learn, transformers,
-ipywidgets) come from whatever index pip is configured with (so the test needs
-the package index, as CI has). The notebook is a copy of the site's download,
-in a folder outside the repository, run by a kernel of a fresh virtual
-environment. One page is enough: the first cell is the same on every page
-(docs/conf.py), and plot_04 imports the package, matplotlib and scikit-learn;
-every page is executed elsewhere anyway (the docs build, nbval, the busy-CPU
-run). Measured on a 2-core machine: 22-32 s for the wheel and the
-environment, then 60-84 s for the install from the package index and the page.
+``PIP_FIND_LINKS``, while the extras (matplotlib, scikit-learn) come from
+whatever index pip is configured with (so the test needs the package index, as
+CI has). The notebook is a copy of the site's download, in a folder outside the
+repository, run by a kernel of a fresh virtual environment. One page is
+enough: the first cell is the same on every page but the Hugging Face one,
+which adds the ``huggingface`` extra (tests/test_notebooks.py checks each
+stored first cell), and plot_04 imports the package, matplotlib and
+scikit-learn; every page is executed elsewhere anyway (the docs build, nbval,
+the busy-CPU run). The test also checks that transformers is *not* installed
+(it was half of pip's time). Measured on a 2-core machine: 22-32 s for the
+wheel and the environment, then about 60 s for the install from the package
+index and the page (70-84 s while every page also installed transformers).
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from conftest import ROOT
 DOWNLOADS = ROOT / "docs" / "_build" / "html" / "_downloads"
 # plot_04 needs the package, matplotlib and scikit-learn.
 PAGES = ["plot_04_training_an_ensemble"]
-# What the first cell looks for (import names), and the distributions that provide them.
+# What a first cell may look for (import names), and the distributions that provide them;
+# plot_04's installs the first three (the Hugging Face page's, all five).
 EXTRAS = ("ensembling", "matplotlib", "sklearn", "transformers", "ipywidgets")
 DISTRIBUTIONS = ("ensembling", "matplotlib", "scikit-learn", "transformers", "ipywidgets")
+INSTALLED = EXTRAS[:3]
 INSTALL_LINE = f'%pip install "ensembling[tutorials]=={ensembling.__version__}"'
 # Not needed to build the wheel: version control, environments, build output, the site.
 NOT_COPIED = {".git", "build", "dist", "docs", "notebooks", ".make", ".hypothesis", "__pycache__"}
@@ -203,5 +208,5 @@ def test_downloaded_notebook_installs_itself_and_runs(
     assert not [output for cell in cells for output in cell.outputs if output.output_type == "error"]
     install_output = "".join(output.get("text", "") for output in cells[0].outputs)
     assert f"ensembling-{ensembling.__version__}" in install_output, install_output[-2000:]
-    assert _importable(reader_python, folder) == list(EXTRAS)
+    assert _importable(reader_python, folder) == list(INSTALLED)  # not transformers: this page does not need it
     assert _installed_package_hashes(reader_python, folder) == _wheel_package_hashes(wheel)  # this checkout's wheel

@@ -64,10 +64,10 @@ def gallery_conf() -> dict[str, Any]:
 
 def convert(script: Path, conf: dict[str, Any] | None = None) -> nbformat.NotebookNode:
     """The unexecuted notebook the docs build would offer for ``script``."""
+    from sphinx_gallery import notebook
     from sphinx_gallery import py_source_parser as parser
-    from sphinx_gallery.notebook import jupyter_notebook
 
-    conf = gallery_conf() if conf is None else conf
+    conf = gallery_conf() if conf is None else conf  # runs docs/conf.py, which wraps notebook.jupyter_notebook
     _, blocks = parser.split_code_and_text_blocks(str(script))
     # The same steps, in the same order, as sphinx_gallery.gen_rst._clean_script_blocks.
     blocks = [parser.Block(label, parser.remove_ignore_blocks(content), lineno) for label, content, lineno in blocks]
@@ -80,7 +80,7 @@ def convert(script: Path, conf: dict[str, Any] | None = None) -> nbformat.Notebo
     target_dir = CONF.parent / conf["gallery_dirs"] / script.parent.relative_to(GALLERY)
     # sphinx-gallery stores sources as lists of lines; reading the JSON back
     # through nbformat gives the canonical in-memory form (strings).
-    return nbformat.reads(json.dumps(jupyter_notebook(blocks, conf, target_dir)), as_version=4)
+    return nbformat.reads(json.dumps(notebook.jupyter_notebook(blocks, conf, target_dir)), as_version=4)
 
 
 def inputs_digest(script: Path) -> str:

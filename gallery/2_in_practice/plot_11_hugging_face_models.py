@@ -19,7 +19,8 @@ with separate ``factory()`` calls.
 
 **Prerequisites**: :ref:`sphx_glr_tutorials_2_in_practice_plot_08_real_architectures.py`;
 PyTorch 2.6 or newer and ``transformers`` 5.0 or newer
-(``pip install "ensembling[tutorials]"`` installs it). A GPU is optional.
+(``pip install "ensembling[tutorials,huggingface]"`` installs it; this page's
+notebook does that in its first cell where it is missing). A GPU is optional.
 No weights are downloaded: every model is built from a tiny configuration with
 random initialization.
 """
