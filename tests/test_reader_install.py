@@ -15,7 +15,7 @@ stored first cell), and plot_04 imports the package, matplotlib and
 scikit-learn; every page is executed elsewhere anyway (the docs build, nbval,
 the busy-CPU run). The test also checks that transformers is *not* installed
 (it was half of pip's time). Measured on a 2-core machine: 22-32 s for the
-wheel and the environment, then about 60 s for the install from the package
+wheel and the environment, then 50-60 s for the install from the package
 index and the page (70-84 s while every page also installed transformers).
 """
 
