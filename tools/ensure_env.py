@@ -60,8 +60,10 @@ def pip(*args: str) -> None:
     without .pyc files every process (test subprocesses, notebook kernels,
     distributed ranks) compiles torch from source again (`.ci/run`'s tests took
     67 s longer). pip compiles on one core (58 of the 130 s that requirements.txt
-    takes on a 2-core machine); compileall over the installed files' folders
-    uses them all, and touches nothing that this install did not write.
+    takes on a 2-core machine); compileall over the folders that hold the
+    installed files uses them all, and leaves the environment's other folders
+    alone (a folder shared with another package, such as site-packages itself
+    for an editable install's finder, gets all of its .py files compiled).
     """
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
