@@ -33,6 +33,7 @@ from ._errors import EnsembleError
 from ._fastpath import FastPath
 from ._init import draw_members, draw_seeded_members, make_prototype
 from ._layers import describe_stand_ins, make_runner
+from ._malloc import make_room
 from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
 from ._strategy import describe_plan, plan_summary, run_fast, run_strategy, shells_of
@@ -146,6 +147,15 @@ class Ensemble(nn.Module):
         The number of members, ``len(ens)``.
     member_class : type
         The class of the members (``type(ens[i])``).
+
+    Notes
+    -----
+    On a CPU with glibc, where the stacked parameters outgrow the blocks glibc
+    keeps between ``free`` and ``malloc`` by itself, the first eager call that
+    records gradients raises glibc's malloc thresholds to fit them, so that
+    each training step reuses the memory the last one freed instead of
+    page-faulting it in again (:func:`~ensembling.reuse_cpu_memory` says why,
+    and turns it off).
 
     Examples
     --------
@@ -510,6 +520,8 @@ class Ensemble(nn.Module):
         """
         options = self._options.override(randomness, chunk_size)
         dims, kw_dims = self._vmap.check(args, kwargs, in_dims, self.num_members)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            make_room(self)  # on the CPU, glibc keeps what a training step frees: _malloc.py
         if self._fast is not None and options.fast_path and options.chunk_size is None and options.strategy != "loop":
             if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and dims[0] in (None, 0):
                 return run_fast(self, args[0], dims[0] is None, options)  # the layout measured: _strategy.py
