@@ -150,10 +150,9 @@ class Ensemble(nn.Module):
 
     Notes
     -----
-    On a CPU with glibc, where the stacked parameters outgrow the blocks glibc
-    keeps between ``free`` and ``malloc`` by itself, the first eager call that
-    records gradients raises glibc's malloc thresholds to fit them, so that
-    each training step reuses the memory the last one freed instead of
+    On a CPU with glibc, the first eager call that records gradients raises
+    glibc's malloc thresholds to fit the stacked parameters, so that each
+    training step reuses the memory the last one freed instead of
     page-faulting it in again (:func:`~ensembling.reuse_cpu_memory` says why,
     and turns it off).
 
