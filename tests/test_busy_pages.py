@@ -7,7 +7,8 @@ the pages themselves counting. While several pages still run they load each
 other; as they finish, processes that spin on the CPU take their place, so the
 last page is timed under load too. (The earlier design, two spinners on top of
 all the pages from start to end, took 125-160 s on a 2-core machine; this one
-takes 75-85 s there, and the last page still never runs alone.) Then every
+takes 75-150 s there, as busy as that machine is, and the last page still never
+runs alone.) Then every
 verdict each page printed
 (``ensembling.tutorial.verdict``) is parsed and its words are checked against
 its own numbers: "faster" / "slower" only with a whole range beyond 1,
