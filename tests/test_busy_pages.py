@@ -5,10 +5,14 @@ scripts, all at once, and the CPU is kept oversubscribed until the last one
 ends: at least one more busy process than the machine has cores (``LOAD``),
 the pages themselves counting. While several pages still run they load each
 other; as they finish, processes that spin on the CPU take their place, so the
-last page is timed under load too. (The earlier design, two spinners on top of
-all the pages from start to end, took 125-160 s on a 2-core machine; this one
-takes 75-150 s there, as busy as that machine is, and the last page still never
-runs alone.) Then every
+last page is timed under load too. Each page runs torch on one thread
+(``OMP_NUM_THREADS=1``), so a busy process is one busy thread and the load is
+what ``LOAD`` says. With torch's default of one thread per core, four pages
+started as eight threads on a 2-core machine, whose OpenMP workers wait for each
+other at every parallel region: the same four pages took 78 s instead of 41 s
+there, for no stronger check (the words are checked against the numbers
+whatever they are). (The first design, two spinners on top of all the pages
+from start to end, took 125-160 s on that machine.) Then every
 verdict each page printed
 (``ensembling.tutorial.verdict``) is parsed and its words are checked against
 its own numbers: "faster" / "slower" only with a whole range beyond 1,
@@ -73,7 +77,7 @@ def page_runs(
 ) -> dict[str, tuple[int, str, str]]:
     """The selected speed pages run as scripts, concurrently, under load: stem -> (return code, stdout, stderr)."""
     selected = [page for page in SPEED_PAGES if any(page.stem in item.nodeid for item in request.session.items)]
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     logs = tmp_path_factory.mktemp("busy_pages")
     runs: dict[str, subprocess.Popen] = {}
     try:
