@@ -33,7 +33,7 @@ from ._errors import EnsembleError
 from ._fastpath import FastPath
 from ._init import draw_members, draw_seeded_members, make_prototype
 from ._layers import describe_stand_ins, make_runner
-from ._malloc import make_room
+from ._malloc import arm, make_room
 from ._options import Options, Randomness, Strategy
 from ._state import StackedState, check_checkpoint, meta_copy
 from ._strategy import describe_plan, plan_summary, run_fast, run_strategy, shells_of
@@ -150,7 +150,7 @@ class Ensemble(nn.Module):
 
     Notes
     -----
-    On a CPU with glibc, the first eager call that records gradients raises
+    On a CPU with glibc, the first training call (eager or compiled) raises
     glibc's malloc thresholds to fit the stacked parameters, so that each
     training step reuses the memory the last one freed instead of
     page-faulting it in again (:func:`~ensembling.reuse_cpu_memory` says why,
@@ -332,6 +332,7 @@ class Ensemble(nn.Module):
         self._vmap = VmapRunner(self._runner, self._state.aliases, [slot.name for slot in self._state.buffer_slots])
         self._fast = FastPath.plan(template, self._state)
         self.train(prototype.training)
+        arm(self)  # CPU training, compiled or not, keeps the memory a step frees: _malloc.py
         self._prepare()
 
     def _prepare(self) -> None:
@@ -449,7 +450,10 @@ class Ensemble(nn.Module):
         to fix it, before anything is copied.
         """
         check_checkpoint(self.state_dict(keep_vars=True), state_dict, strict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            arm(self)  # the stacked parameters were replaced, and their hooks with them
+        return result
 
     # ------------------------------------------------------------------ forward
 

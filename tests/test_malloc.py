@@ -79,6 +79,25 @@ def test_a_training_call_raises_them_once_and_a_bigger_ensemble_again(libc: Fake
     assert libc.calls[2:] == [(_malloc.M_MMAP_THRESHOLD, mmap + 64 * MIB), (_malloc.M_TRIM_THRESHOLD, 2 * trim)]
 
 
+def test_a_compiled_training_step_raises_them_through_the_gradient_hook(
+    libc: FakeLibc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torch.compile the forward is traced, not run: the hook after gradient accumulation calls make_room."""
+    ens = big(members=2, width=512)
+    compiled = torch.compile(ens, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 512)
+    out = compiled(x).sum()
+    assert libc.calls == []  # the compiled forward asked nothing
+    out.backward()
+    mmap, trim = _malloc.wanted(list(ens.parameters()))
+    assert libc.calls == [(_malloc.M_MMAP_THRESHOLD, mmap), (_malloc.M_TRIM_THRESHOLD, trim)]
+    # Loading with assign=True replaces the stacked parameters: the new ones carry the hook again.
+    ens.load_state_dict({name: t.clone() for name, t in ens.state_dict().items()}, assign=True)
+    monkeypatch.setattr(_malloc, "_set", {"mmap": 0, "trim": 0})
+    compiled(x).sum().backward()
+    assert libc.calls[2:] == [(_malloc.M_MMAP_THRESHOLD, mmap), (_malloc.M_TRIM_THRESHOLD, trim)]
+
+
 def test_nothing_when_turned_off_or_refused(libc: FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(3, 2048)
     ensembling.reuse_cpu_memory(False)
