@@ -1,8 +1,9 @@
-"""Shared fixtures: the repository paths, the device, seeded generators."""
+"""Shared fixtures: the repository paths, a copy of the checkout to build from, the device, seeded generators."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,22 @@ import torch
 import ensembling
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Not needed to build the package: version control, environments, build output, the site.
+NOT_COPIED = {".git", "build", "dist", "docs", "notebooks", ".make", ".hypothesis", "__pycache__"}
+
+
+def copy_checkout(destination: Path) -> Path:
+    """A copy of this checkout without what no build reads (building writes into its source tree)."""
+
+    def leave_out(folder: str, names: list[str]) -> set[str]:
+        return {
+            n for n in names if n in NOT_COPIED or n.endswith(".egg-info") or Path(folder, n, "pyvenv.cfg").exists()
+        }
+
+    shutil.copytree(ROOT, destination, ignore=leave_out)
+    return destination
 
 
 def load_tool(name: str) -> ModuleType:

@@ -34,7 +34,7 @@ import nbformat
 import pytest
 
 import ensembling
-from conftest import ROOT
+from conftest import ROOT, copy_checkout
 
 DOWNLOADS = ROOT / "docs" / "_build" / "html" / "_downloads"
 # plot_04 needs the package, matplotlib and scikit-learn.
@@ -45,8 +45,6 @@ EXTRAS = ("ensembling", "matplotlib", "sklearn", "transformers", "ipywidgets")
 DISTRIBUTIONS = ("ensembling", "matplotlib", "scikit-learn", "transformers", "ipywidgets")
 INSTALLED = EXTRAS[:3]
 INSTALL_LINE = f'%pip install "ensembling[tutorials]=={ensembling.__version__}"'
-# Not needed to build the wheel: version control, environments, build output, the site.
-NOT_COPIED = {".git", "build", "dist", "docs", "notebooks", ".make", ".hypothesis", "__pycache__"}
 
 # Runs inside the reader's environment: execute a notebook as Jupyter would, with
 # its own "python3" kernel, from the notebook's folder; keep the outputs on failure.
@@ -88,17 +86,11 @@ def _pip(python: Path, *args: str, cwd: Path) -> None:
     _run(sys.executable, "-m", "pip", "--python", python, *args, cwd=cwd, timeout=600)
 
 
-def _not_copied(folder: str, names: list[str]) -> set[str]:
-    """Leave out bulky folders that no build reads, and any virtual environment."""
-    return {n for n in names if n in NOT_COPIED or n.endswith(".egg-info") or Path(folder, n, "pyvenv.cfg").exists()}
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from a copy of this checkout (the build writes into its source tree)."""
     work = tmp_path_factory.mktemp("wheel")
-    source = work / "source"
-    shutil.copytree(ROOT, source, ignore=_not_copied)
+    source = copy_checkout(work / "source")
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", work / "dist", source, cwd=work, timeout=600)
     (built,) = (work / "dist").glob("ensembling-*.whl")
     return built
