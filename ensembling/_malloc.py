@@ -15,25 +15,25 @@ Linear(256, 256) (12 MiB, Adam), 1,900-2,500 faults a step and 20 % of the step,
 then none.
 
 What. When an ensemble first trains on the CPU, :func:`make_room` raises the
-two thresholds: the mmap threshold above the
-ensemble's largest stacked parameter, the trim threshold to four times the
-bytes of all its stacked parameters (what a step may free at once: the
-gradients, an optimizer's temporaries, a gradient's copy into its parameter's
-layout; twice left Adam steps with a third of their faults, four with a few
-percent). The thresholds only grow, never below glibc's own caps, and never
-past what ``mallopt`` takes (an int). Nothing happens on other devices,
-without glibc, under another malloc (``LD_PRELOAD``), when the user set glibc's
-malloc variables, or after :func:`reuse_cpu_memory` ``(False)``. The cost: up
-to the trim threshold of free memory stays mapped, as PyTorch's own CUDA
-caching allocator keeps its blocks.
+two thresholds: the mmap threshold above the ensemble's largest stacked
+parameter, the trim threshold to four times the bytes of all its stacked
+parameters (what a step may free at once: the gradients, an optimizer's
+temporaries, a gradient's copy into its parameter's layout; twice left Adam
+steps with a third of their faults, four with a few percent). The thresholds
+only grow, never below glibc's own caps, and never past what ``mallopt`` takes
+(an int). Nothing happens on other devices, without glibc, under another malloc
+(``LD_PRELOAD``), when the user set glibc's malloc variables, or after
+:func:`reuse_cpu_memory` ``(False)``. The cost: up to the trim threshold of
+free memory stays mapped, as PyTorch's own CUDA caching allocator keeps its
+blocks.
 
 When. Two calls, both cheap after the first: ``Ensemble.forward`` when it
 records gradients eagerly, and a hook (:func:`arm`) run after each gradient
 accumulated into the ensemble's first trainable stacked parameter. The hook
-runs outside any compiled graph, so a training loop of
-``torch.compile(ens)`` gets the thresholds too (4 x Linear(1536, 1536),
-SGD, compiled with inductor: 18,450 page faults a step without them, 0-4
-with). Copies (``copy.deepcopy``, pickles) carry no hooks; their first eager
+runs outside any compiled graph, so a training loop of ``torch.compile(ens)``
+gets the thresholds too (4 x Linear(1536, 1536), SGD, compiled with inductor:
+18,450 page faults a step without them, 4-14 with; 86-95 ms a step, then
+37-38). Copies (``copy.deepcopy``, pickles) carry no hooks; their first eager
 training call still counts.
 """
 
