@@ -5,9 +5,9 @@ and run as one), :class:`EnsembleError`, :func:`ensemble_loss` (the objective
 that trains every member as if alone), the device helpers
 (:func:`default_device`, :func:`synchronize`, :func:`tolerances` for honest
 loop-vs-vectorized comparisons, :func:`peak_memory`, :func:`reuse_cpu_memory`),
-``ensembling.legacy`` (the deprecated ``functorch.combine_state_for_ensemble``, for migrating old
-code), ``ensembling.distributed`` (members sharded across processes) and
-``ensembling.launcher`` (local process groups for trying it).
+``ensembling.legacy`` (the deprecated ``functorch.combine_state_for_ensemble``,
+for migrating old code), ``ensembling.distributed`` (members sharded across
+processes) and ``ensembling.launcher`` (local process groups for trying it).
 
 The tutorial pages' own plumbing (timing, printing and plotting what they
 measure, the digits demo) lives apart, in ``ensembling.tutorial``; the library
