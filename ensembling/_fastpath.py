@@ -8,6 +8,7 @@ per-layer overhead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ._chain import DropoutStep, EmbeddingStep, LinearStep, ReshapeStep, Step, chain_steps
 from ._errors import EnsembleError
-from ._state import StackedState, identity
+from ._state import StackedState
 
 __all__ = ["FastPath"]
 
@@ -115,17 +116,51 @@ def _dropout(h: Tensor, p: float, training: bool, randomness: str) -> Tensor:
     return h * (mask / (1 - p))
 
 
+# What each step of a planned chain is, read once by FastPath.__init__ so run() needs no isinstance chain.
+_LINEAR, _RELU, _ACTIVATION, _RESHAPE, _DROPOUT = range(5)
+
+
+def _kind(step: Step) -> int:
+    if isinstance(step, LinearStep):
+        return _LINEAR
+    if isinstance(step, ReshapeStep):
+        return _RESHAPE
+    if isinstance(step, DropoutStep):
+        return _DROPOUT
+    if isinstance(step, EmbeddingStep):
+        raise ValueError("an embedding can only be a chain's first step")
+    return _RELU if step.relu else _ACTIVATION
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Operands made for calls without autograd, and the memory and shapes they view."""
+
+    transposed: bool
+    pointers: list[int]
+    shapes: list[torch.Size]
+    operands: list[_Operands]
+
+
 class FastPath:
     """The typed steps of a chain member, planned once, and how to run them."""
 
     def __init__(self, steps: list[Step]) -> None:
         self.steps = steps
+        self.embedding = steps[0] if isinstance(steps[0], EmbeddingStep) else None
+        self.program = [(_kind(step), step) for step in steps[1 if self.embedding else 0 :]]
+        # The chain without its bookkeeping, where it is that simple; by training mode (dropout).
+        self.plain = {mode: None if self.embedding else _plain(self.program, mode) for mode in (False, True)}
         self.linears = [step for step in steps if isinstance(step, LinearStep)]
-        self.kept: tuple[Any, list[_Operands]] | None = None  # operands of calls without autograd, and their key
+        # Where each Linear's weight and bias (if any) live: (the module's parameter table, name).
+        # The table outlives a replaced tensor (load_state_dict(assign=True)): reading it is always current.
+        slots = [slot for step in self.linears for slot in (step.weight, step.bias) if slot is not None]
+        self.places = [(slot.container.__dict__[slot.table], slot.attr) for slot in slots]
+        self.kept: _Kept | None = None  # operands of calls without autograd
         # Above about a million elements per stacked weight, copying a transposed
         # gradient (and allocating fresh memory for it every step) costs more than
         # the transposed layout's slightly slower small products; see run().
-        self.weights_are_large = any(s.weight.get().numel() >= 2**20 for s in steps if isinstance(s, LinearStep))
+        self.weights_are_large = any(s.weight.get().numel() >= 2**20 for s in self.linears)
 
     @classmethod
     def plan(cls, template: nn.Module, state: StackedState) -> FastPath | None:
@@ -143,60 +178,145 @@ class FastPath:
         the weight gradient then comes out in the weight's own layout, so
         autograd keeps it instead of copying it into a fresh allocation every
         step. A shared input's first layer is then one ``addmm`` over all members.
+
+        This loop is the whole per-call cost on top of the products themselves
+        (tens of microseconds matter for small members), so its steps are read
+        from a precomputed program and a layer's input width is only checked
+        when its product fails.
         """
+        plain = self.plain[training]
+        if plain is not None and not transposed:
+            h = _plain_input(x, shared, n, plain.flattens)
+            if h is not None:
+                return self._run_plain(h, x, plain.after)
         operands = iter(self.operands(transposed))
-        steps = self.steps
-        if isinstance(steps[0], EmbeddingStep):  # ids in, [members, rows, dim] out
-            rows, lead = _embedding(x, steps[0], shared, n)
-            steps, pending, fresh = steps[1:], False, True
+        if self.embedding is not None:  # ids in, [members, rows, dim] out
+            rows, lead = _embedding(x, self.embedding, shared, n)
+            pending, fresh = False, True
         else:
             if x.dim() == 0:
                 raise EnsembleError("Ensemble: the input is a scalar; the member's first layer needs features.")
             lead = tuple(x.shape[:-1] if shared else x.shape[1:-1])  # one member's activation: [*lead, features]
-            rows = x.reshape(1 if shared else n, -1, x.shape[-1])
+            # [1 or members, rows, features]; a per-member input of that shape is used as it is
+            rows = x if len(lead) == 1 and not shared else x.reshape(1 if shared else n, -1, x.shape[-1])
             pending = shared  # h still has a member dimension of 1, meaning "the same for all"
             fresh = False  # may h be modified in place (is it our own intermediate, not the input)?
         h = rows.mT if transposed else rows
-        for step in steps:
-            if isinstance(step, LinearStep):
+        for kind, step in self.program:
+            if kind == _LINEAR:
                 ops = next(operands)
-                features = h.shape[1] if transposed else h.shape[2]
-                if features != ops.weight.shape[2]:
-                    raise EnsembleError(
-                        f"Ensemble: layer {step.name!r} expects {ops.weight.shape[2]} input features, got "
-                        f"{features} (input shape {list(x.shape)})."
-                    )
-                h, pending, fresh = _linear(h, ops, pending, transposed), False, True
-            elif isinstance(step, ReshapeStep):
+                try:
+                    h = _linear(h, ops, pending, transposed)
+                except RuntimeError:
+                    _check_features(h, ops, step, x, transposed)
+                    raise
+                pending, fresh = False, True
+            elif kind == _RELU:
+                h = torch.relu_(h) if fresh else torch.relu(h)
+            elif kind == _ACTIVATION:
+                h, fresh = step.fn(h), True
+            elif kind == _RESHAPE:
                 h, lead = _reshape(h, step, lead, transposed)
-            elif isinstance(step, DropoutStep):
+            else:  # _DROPOUT
                 if pending and training and randomness == "different":
                     h, pending = h.expand(n, -1, -1), False  # every member draws its own mask
                 dropped = _dropout(h, step.p, training, randomness)
                 fresh = fresh or dropped is not h
                 h = dropped
-            elif step.relu:
-                h = torch.relu_(h) if fresh else torch.relu(h)
-            else:
-                h, fresh = step.fn(h), True
         if transposed:
             h = h.mT.contiguous()
         return h if h.shape[1:-1] == lead else h.reshape(n, *lead, h.shape[-1])
+
+    def _run_plain(self, h: Tensor, x: Tensor, after: list[list[Callable[[Tensor], Tensor]]]) -> Tensor:
+        """The plain chain on ``h`` ``[members, rows, in]`` (``x``: the call's input, for errors)."""
+        for layer, ops, fns in zip(self.linears, self.operands(False), after):
+            try:
+                if ops.bias is None:
+                    h = torch.bmm(h, ops.product_weight)
+                else:
+                    h = torch.baddbmm(ops.product_bias, h, ops.product_weight)
+            except RuntimeError:
+                _check_features(h, ops, layer, x, False)
+                raise
+            for fn in fns:  # on the product just made: relu may run in place
+                h = fn(h)
+        return h
 
     def operands(self, transposed: bool) -> list[_Operands]:
         """Each Linear step's tensors and product views; kept between calls that autograd does not record.
 
         The kept views follow in-place changes of the stacked tensors (an
         optimizer step, ``load_state_dict``); they are made again when a stacked
-        tensor is replaced (``.to()``, ``load_state_dict(assign=True)``).
+        tensor's memory or shape changes (``.to()``, ``load_state_dict(assign=True)``,
+        an assignment to its ``.data``). Checking that costs a few microseconds;
+        making the views costs about twice as much.
         """
-        pairs = [(s.weight.get(), None if s.bias is None else s.bias.get()) for s in self.linears]
+        tensors = [table[name] for table, name in self.places]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return [_operands(w, b, transposed) for w, b in pairs]
-        key = (transposed, *identity(t for pair in pairs for t in pair))
-        if self.kept is None or self.kept[0] != key:
-            self.kept = (key, [_operands(w, b, transposed) for w, b in pairs])
-        return self.kept[1]
+            return self._make(tensors, transposed)
+        kept, pointers, shapes = self.kept, list(map(Tensor.data_ptr, tensors)), list(map(Tensor.size, tensors))
+        if kept is None or kept.transposed is not transposed or kept.pointers != pointers or kept.shapes != shapes:
+            kept = self.kept = _Kept(transposed, pointers, shapes, self._make(tensors, transposed))
+        return kept.operands
+
+    def _make(self, tensors: list[Tensor], transposed: bool) -> list[_Operands]:
+        made, present = [], iter(tensors)
+        for step in self.linears:
+            weight = next(present)
+            made.append(_operands(weight, None if step.bias is None else next(present), transposed))
+        return made
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "kept": None}  # views of this ensemble's tensors: copies make their own
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """A chain that is, after flattens of its input, Linear layers each followed by element-wise steps."""
+
+    flattens: tuple[tuple[int, int], ...]  # each leading flatten's (start_dim, end_dim), in a member's dims
+    after: list[list[Callable[[Tensor], Tensor]]]  # the element-wise steps after each Linear
+
+
+def _plain(program: list[tuple[int, Any]], training: bool) -> _Plain | None:
+    """``program`` as a :class:`_Plain` chain in this training mode (dropout is then a no-op), or None."""
+    flattens: list[tuple[int, int]] = []
+    after: list[list[Callable[[Tensor], Tensor]]] = []
+    for kind, step in program:
+        if kind == _LINEAR:
+            after.append([])
+        elif kind in (_RELU, _ACTIVATION) and after:  # never on the caller's input: in place is safe
+            after[-1].append(torch.relu_ if kind == _RELU else step.fn)
+        elif kind == _DROPOUT and (not training or step.p == 0.0):
+            continue
+        elif kind == _RESHAPE and not after and type(step) is ReshapeStep and step.method == "flatten":
+            flattens.append(step.args)
+        else:
+            return None
+    return _Plain(tuple(flattens), after) if after else None
+
+
+def _plain_input(x: Tensor, shared: bool, n: int, flattens: tuple[tuple[int, int], ...]) -> Tensor | None:
+    """``x`` after the leading flattens as ``[members, rows, features]``, or None where a member's
+    activation would not be ``[rows, features]`` (the general loop then runs, and explains bad input)."""
+    lead = 0 if shared else 1
+    ndim = x.dim() - lead  # of one member's input
+    for start, end in flattens:
+        if not (-ndim <= start < ndim and -ndim <= end < ndim) or start % ndim > end % ndim:
+            return None
+        start, end = start % ndim, end % ndim
+        x = x.flatten(start + lead, end + lead)  # x itself when start == end
+        ndim -= end - start
+    if ndim != 2:
+        return None
+    return x.expand(n, -1, -1) if shared else x
+
+
+def _check_features(h: Tensor, ops: _Operands, step: LinearStep, x: Tensor, transposed: bool) -> None:
+    """Raise the precise error when a layer's product failed because its input has the wrong width."""
+    features = h.shape[1] if transposed else h.shape[-1]
+    if features != ops.weight.shape[2]:
+        raise EnsembleError(
+            f"Ensemble: layer {step.name!r} expects {ops.weight.shape[2]} input features, got "
+            f"{features} (input shape {list(x.shape)})."
+        ) from None

@@ -281,13 +281,14 @@ def run_fast(ens: Any, x: Tensor, shared: bool, options: Any) -> Tensor:
     strategies, ``torch.compile``) the layout follows the weights' size.
     """
     fast = ens._fast
+    recording = torch.is_grad_enabled() and any(p.requires_grad for p in ens.stacked.parameters())
+    if not recording or options.strategy != "auto" or torch.compiler.is_compiling():
+        transposed = recording and fast.weights_are_large
+        return fast.run(x, shared, ens.num_members, ens.training, options.randomness, transposed)
 
     def run(transposed: bool) -> Tensor:
         return fast.run(x, shared, ens.num_members, ens.training, options.randomness, transposed)
 
-    recording = torch.is_grad_enabled() and any(p.requires_grad for p in ens.stacked.parameters())
-    if not recording or options.strategy != "auto" or torch.compiler.is_compiling():
-        return run(recording and fast.weights_are_large)
     planner = ens.__dict__.get("_planner")
     if planner is None:
         planner = Planner()

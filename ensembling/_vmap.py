@@ -119,7 +119,9 @@ def check_in_dims(
     if not kwargs and (in_dims is None or type(in_dims) is int) and all(type(a) is Tensor for a in args):
         if in_dims is not None:  # the common call, checked quickly: plain tensors, one in_dims for all
             for i, arg in enumerate(args):
-                _check_leaf(arg, _label(i, names), in_dims, num_members)
+                ndim = arg.dim()
+                if not (ndim and -ndim <= in_dims < ndim and arg.shape[in_dims] == num_members):
+                    _check_leaf(arg, _label(i, names), in_dims, num_members)  # raises, naming the input
         return (in_dims,) * len(args), {}
     kwargs = kwargs or {}
     explicit: set[int | str] = set()

@@ -297,6 +297,14 @@ RESHAPING = {
     "reshapes": (Reshaping, (3, 4, 3)),
     "nn.Flatten": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Unflatten(1, (2, 3))), (3, 3, 4)),
     "large": (lambda: FlattenMLP(1200, 900), (3, 2, 600)),  # the transposed training layout
+    # Plain chains (Linear, element-wise) after input flattens run a shorter loop; these are its edges:
+    "seed MLP, flat input": (lambda: FlattenMLP(12), (3, 12)),  # flatten(1) of [batch, 12]: nothing to do
+    "flatten leaving 3 dims": (lambda: nn.Sequential(nn.Flatten(-2), nn.Linear(12, 5), nn.GELU()), (2, 3, 3, 4)),
+    "activation first": (lambda: nn.Sequential(nn.GELU(), nn.Linear(12, 6, bias=False), nn.Tanh()), (3, 12)),
+    "dropout, eval": (
+        lambda: nn.Sequential(nn.Linear(12, 6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 5)).eval(),
+        (3, 12),
+    ),
 }
 
 
@@ -452,6 +460,51 @@ def test_fast_path_refuses_reshapes_it_cannot_map_and_explains_bad_dims() -> Non
     assert "path=baddbmm" in repr(ens)
     with pytest.raises(EnsembleError, match=r"flatten\(-3, -1\) refers to dimension -3.*2 dimensions"):
         ens(torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("member", ["plain", "flattening", "reshaping"])
+def test_fast_path_no_grad_operands_follow_every_change_of_the_stacked_tensors(member: str) -> None:
+    """Without autograd the fast path keeps its product views between calls; every way the stacked
+    tensors change (in place, .to(), a loaded checkpoint, assign=True, a new .data) reaches the next call."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2, bias=False), nn.ReLU()]
+    if member == "flattening":  # still plain: the input is flattened first
+        layers = [nn.Flatten(), *layers]
+    if member == "reshaping":  # reshapes between the layers: the general loop
+        layers = [*layers[:2], nn.Unflatten(1, (2, 2)), nn.Flatten(), *layers[2:]]
+    ens = Ensemble(lambda: nn.Sequential(*layers), 3)
+    assert (ens._fast.plain[False] is not None) == (member != "reshaping")
+    x = torch.randn(5, 2, 3) if member == "flattening" else torch.randn(5, 6)
+    first = "1" if member == "flattening" else "0"  # the first Linear
+
+    def check() -> None:
+        xs = x.to(ens.stacked.get_submodule(first).weight.dtype)
+        torch.testing.assert_close(ens(xs), torch.stack([m(xs) for m in ens.unstack()]))
+        torch.testing.assert_close(ens(xs.expand(3, *xs.shape), in_dims=0), torch.stack([m(xs) for m in ens.unstack()]))
+
+    with torch.no_grad():
+        check()
+        ens.stacked.get_submodule(first).weight.mul_(2)  # in place (an optimizer step)
+        check()
+        ens.double()  # .to(): the same Parameter objects, new data
+        check()
+        state = {k: v + 1 for k, v in ens.state_dict().items()}
+        ens.load_state_dict(state)  # copied in place
+        check()
+        ens.load_state_dict({k: v * 3 for k, v in state.items()}, assign=True)  # new tensor objects
+        check()
+        weight = ens.stacked.get_submodule(first).weight
+        weight.data = torch.randn_like(weight)  # the same object, new memory
+        check()
+        with torch.inference_mode():
+            check()
+        check()
+        original = ens
+        for ens in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):  # copies read their own tensors
+            before = original(x.double())
+            ens.stacked.get_submodule(first).weight.add_(1)
+            check()
+            torch.testing.assert_close(original(x.double()), before)
 
 
 def test_fast_path_does_not_modify_the_input() -> None:
@@ -795,6 +848,10 @@ def test_wrong_feature_count_on_the_fast_path_names_the_layer() -> None:
     ens = Ensemble(sequential_mlp, 2)
     with pytest.raises(EnsembleError, match=r"layer '0' expects 12 input features, got 11"):
         ens(torch.randn(5, 11))
+    with pytest.raises(EnsembleError, match=r"layer '0' expects 12 input features, got 11"):
+        ens(torch.randn(2, 5, 11), in_dims=0)
+    with pytest.raises(EnsembleError, match=r"layer '0' expects 12 input features, got 11"):
+        ens(torch.randn(3, 5, 11))  # a shared input with more dimensions: the general loop
 
 
 def test_initializer_that_vmap_cannot_batch_builds_members_by_separate_calls() -> None:
