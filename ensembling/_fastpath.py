@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._chain import ActivationStep, DropoutStep, EmbeddingStep, LinearStep, ReshapeStep, Step, chain_steps
 from ._errors import EnsembleError
-from ._state import StackedState
+from ._state import StackedState, identity
 
 __all__ = ["FastPath"]
 
@@ -116,16 +116,6 @@ def _dropout(h: Tensor, p: float, training: bool, randomness: str) -> Tensor:
     return h * (mask / (1 - p))
 
 
-@dataclass(frozen=True)
-class _Kept:
-    """Operands made for calls without autograd, and the memory and shapes they view."""
-
-    transposed: bool
-    pointers: list[int]
-    shapes: list[torch.Size]
-    operands: list[_Operands]
-
-
 class FastPath:
     """The typed steps of a chain member, planned once, and how to run them."""
 
@@ -138,7 +128,7 @@ class FastPath:
         # The table outlives a replaced tensor (load_state_dict(assign=True)): reading it is always current.
         slots = [slot for step in self.linears for slot in (step.weight, step.bias) if slot is not None]
         self.places = [(slot.container.__dict__[slot.table], slot.attr) for slot in slots]
-        self.kept: _Kept | None = None  # operands of calls without autograd
+        self.kept: tuple[Any, list[_Operands]] | None = None  # operands of calls without autograd, and their key
         # Above about a million elements per stacked weight, copying a transposed
         # gradient (and allocating fresh memory for it every step) costs more than
         # the transposed layout's slightly slower small products; see run().
@@ -224,17 +214,16 @@ class FastPath:
 
         The kept views follow in-place changes of the stacked tensors (an
         optimizer step, ``load_state_dict``); they are made again when a stacked
-        tensor's memory or shape changes (``.to()``, ``load_state_dict(assign=True)``,
-        an assignment to its ``.data``). Checking that costs a few microseconds;
-        making the views costs about twice as much.
+        tensor is replaced (``.to()``, ``load_state_dict(assign=True)``, a new
+        ``.data``): see :func:`~ensembling._state.identity`.
         """
         tensors = [table[name] for table, name in self.places]
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._make(tensors, transposed)
-        kept, pointers, shapes = self.kept, list(map(Tensor.data_ptr, tensors)), list(map(Tensor.size, tensors))
-        if kept is None or kept.transposed is not transposed or kept.pointers != pointers or kept.shapes != shapes:
-            kept = self.kept = _Kept(transposed, pointers, shapes, self._make(tensors, transposed))
-        return kept.operands
+        key = (transposed, *identity(tensors))
+        if self.kept is None or self.kept[0] != key:
+            self.kept = (key, self._make(tensors, transposed))
+        return self.kept[1]
 
     def _make(self, tensors: list[Tensor], transposed: bool) -> list[_Operands]:
         made, present = [], iter(tensors)
