@@ -496,6 +496,9 @@ def test_fast_path_no_grad_operands_follow_every_change_of_the_stacked_tensors(m
         weight = ens.stacked.get_submodule(first).weight
         weight.data = torch.randn_like(weight)  # the same object, new memory
         check()
+        members, rows, columns = weight.shape  # the same memory, shape and dtype, read column-major:
+        weight.data = weight.data.as_strided(weight.shape, (rows * columns, 1, rows))  # only the strides differ
+        check()
         with torch.inference_mode():
             check()
         check()

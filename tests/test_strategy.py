@@ -294,7 +294,7 @@ def test_fast_path_training_layout_is_measured_and_gives_the_same_gradients() ->
 
 def test_loop_strategy_no_grad_views_follow_every_change_of_the_stacked_tensors() -> None:
     """Without autograd the loop keeps its member views between calls; every way the stacked
-    tensors change (in place, .to(), a loaded checkpoint, assign=True) still reaches the next call."""
+    tensors change (in place, .to(), a loaded checkpoint, assign=True, a new .data) still reaches the next call."""
     torch.manual_seed(0)
     ens = Ensemble(lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), 3, strategy="loop").eval()
     x = torch.randn(5, 3)
@@ -313,6 +313,9 @@ def test_loop_strategy_no_grad_views_follow_every_change_of_the_stacked_tensors(
         ens.load_state_dict(state)  # copied in place
         torch.testing.assert_close(ens(x.double()), loop_answer())
         ens.load_state_dict({k: v * 3 for k, v in state.items()}, assign=True)  # new tensor objects
+        torch.testing.assert_close(ens(x.double()), loop_answer())
+        weight = ens.stacked.get_submodule("0").weight  # [3, 4, 3]: the same memory, read column-major
+        weight.data = weight.data.as_strided(weight.shape, (12, 1, 4))  # only the strides differ
         torch.testing.assert_close(ens(x.double()), loop_answer())
     ens.train()
     ens(x.double()).sum().backward()  # a training call binds views with autograd history
