@@ -48,10 +48,24 @@ def _slice(value: Any, dim: Any, index: int) -> Any:
 
 def stack_outputs(outputs: list[Any]) -> Any:
     """The members' outputs as one: every tensor leaf stacked along a new leading member dimension."""
-    if isinstance(outputs[0], Tensor):
+    first = outputs[0]
+    if isinstance(first, Tensor):
         return torch.stack(outputs)
-    leaves, spec = tree_flatten(outputs[0])
-    columns = [tree_flatten(out)[0] for out in outputs]
+    if type(first) in (tuple, list) and all(
+        type(out) is type(first) and len(out) == len(first) and all(isinstance(t, Tensor) for t in out)
+        for out in outputs
+    ):  # an RNN's (output, state), attention's (output, weights): stacked without pytree's bookkeeping
+        return type(first)(map(torch.stack, zip(*outputs)))
+    leaves, spec = tree_flatten(first)
+    flat = [tree_flatten(out) for out in outputs]
+    for i, (_, other) in enumerate(flat):
+        if other != spec:
+            shape = lambda out: tree_map(lambda leaf: type(leaf).__name__, out)  # noqa: E731
+            raise EnsembleError(
+                f"Ensemble: member {i} returned {shape(outputs[i])} but member 0 returned {shape(first)}: "
+                "outputs of different structures cannot be stacked; return the same structure from every member."
+            )
+    columns = [column for column, _ in flat]
     stacked = [
         torch.stack([column[k] for column in columns]) if isinstance(leaf, Tensor) else leaf
         for k, leaf in enumerate(leaves)

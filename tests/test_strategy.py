@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ensembling import Ensemble, EnsembleError
+from ensembling._strategy import stack_outputs
 from ensembling._zoo import ARCHITECTURES
 
 MEMBERS, BATCH = 3, 4
@@ -322,3 +324,27 @@ def test_loop_strategy_no_grad_views_follow_every_change_of_the_stacked_tensors(
     copy_ = copy.deepcopy(ens)  # copies start unbound: no non-leaf views to copy
     with torch.no_grad():
         torch.testing.assert_close(copy_(x.double()), ens(x.double()))
+
+
+def test_stack_outputs_keeps_every_output_structure() -> None:
+    """The loop's outputs, stacked per leaf: plain tuples and lists of tensors (an RNN's (output, state)) take a
+    short path; namedtuples, dicts, non-tensor leaves and nested containers keep their structure too."""
+    members = range(3)
+    pair = [(torch.full((2,), float(i)), torch.full((3, 1), -float(i))) for i in members]
+    got = stack_outputs(pair)
+    assert type(got) is tuple and [t.shape for t in got] == [(3, 2), (3, 3, 1)]
+    assert torch.equal(got[1][:, 0, 0], torch.tensor([0.0, -1.0, -2.0]))
+    as_list = stack_outputs([list(p) for p in pair])
+    assert type(as_list) is list and all(torch.equal(a, b) for a, b in zip(as_list, got))
+    Out = namedtuple("Out", ["logits", "state"])
+    named = stack_outputs([Out(*p) for p in pair])
+    assert type(named) is Out and torch.equal(named.state, got[1])
+    with_none = stack_outputs([(p[0], None) for p in pair])  # attention without its weights
+    assert with_none[1] is None and torch.equal(with_none[0], got[0])
+    nested = stack_outputs([{"out": p[0], "cache": [p[1], 7]} for p in pair])
+    assert torch.equal(nested["cache"][0], got[1]) and nested["cache"][1] == 7
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        stack_outputs([(torch.zeros(2),), (torch.zeros(3),)])
+    uneven = r"member 1 returned \('Tensor', 'Tensor'\) but member 0 returned \('Tensor',\)"
+    with pytest.raises(EnsembleError, match=uneven):  # no leaf silently dropped
+        stack_outputs([(torch.zeros(2),), (torch.zeros(2), torch.zeros(2))])
