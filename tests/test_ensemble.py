@@ -510,6 +510,62 @@ def test_fast_path_no_grad_operands_follow_every_change_of_the_stacked_tensors(m
             torch.testing.assert_close(original(x.double()), before)
 
 
+@pytest.mark.parametrize("member", ["plain", "reshaping"])
+def test_fast_path_gradients_of_every_kind_equal_the_loops(member: str) -> None:
+    """Under autograd the fast path's products make the weight gradients in the weights' own layout (a custom
+    autograd.Function); gradients of gradients, input gradients, frozen layers, forward-mode AD and torch.func
+    transforms (where plain baddbmm runs) all give what the members give one by one."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False)]
+    if member == "reshaping":  # the general loop's rows layout
+        layers = [*layers[:2], nn.Unflatten(1, (2, 2)), nn.Flatten(), *layers[2:]]
+    models = [copy.deepcopy(nn.Sequential(*layers)).double() for _ in range(3)]
+    for m in models:
+        for p in m.parameters():
+            p.data.normal_()
+    ens = Ensemble.from_modules(models, strategy="vectorized")
+    assert "path=baddbmm" in repr(ens)
+    params = list(ens.parameters())
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    # Gradients of gradients (a gradient penalty), and the input's gradient through the shared input.
+    grads = torch.autograd.grad(ens(x).square().sum(), params, create_graph=True)
+    assert all(g.is_contiguous() for g in grads)  # made in the weights' layout
+    (sum(g.square().sum() for g in grads) + ens(x).sum()).backward()
+    x_grad, x.grad = x.grad, None
+    for i, model in enumerate(models):
+        member_grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()), create_graph=True)
+        (sum(g.square().sum() for g in member_grads) + model(x).sum()).backward()
+        for stacked, p in zip(params, model.parameters()):
+            torch.testing.assert_close(stacked.grad[i], p.grad)
+    torch.testing.assert_close(x_grad, x.grad)
+
+    # A frozen first layer: no gradient for it, the others as before.
+    ens.zero_grad(set_to_none=True)
+    first = ens.stacked.get_submodule("0")
+    first.requires_grad_(False)
+    ens(x.detach()).sum().backward()
+    assert first.weight.grad is None and params[-1].grad is not None
+    first.requires_grad_(True)
+
+    # Forward-mode AD, with dual tensors (the Function's jvp) and with torch.func.jvp (a transform).
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = ens(torch.autograd.forward_ad.make_dual(x.detach(), tangent))
+        got = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    want = torch.stack([torch.func.jvp(m, (x.detach(),), (tangent,))[1] for m in models])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.func.jvp(ens, (x.detach(),), (tangent,))[1], want)
+
+    # torch.func.grad over the ensemble's parameters.
+    named = {k: v.detach() for k, v in ens.named_parameters()}
+    by_func = torch.func.grad(lambda p: torch.func.functional_call(ens, p, (x.detach(),)).sum())(named)
+    ens.zero_grad(set_to_none=True)
+    ens(x.detach()).sum().backward()
+    for name, p in ens.named_parameters():
+        torch.testing.assert_close(by_func[name], p.grad)
+
+
 def test_fast_path_does_not_modify_the_input() -> None:
     """In-place activations never touch the caller's tensor."""
     ens = Ensemble(lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.ReLU()), 3)
