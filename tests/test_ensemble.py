@@ -550,7 +550,9 @@ def test_fast_path_gradients_of_every_kind_equal_the_loops(member: str) -> None:
 
     # Forward-mode AD, with dual tensors (the Function's jvp) and with torch.func.jvp (a transform).
     tangent = torch.randn_like(x)
-    with torch.autograd.forward_ad.dual_level():
+    with torch.autograd.forward_ad.dual_level(), warnings.catch_warnings():
+        # torch's first make_dual loads its jvp decompositions through the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
         dual = ens(torch.autograd.forward_ad.make_dual(x.detach(), tangent))
         got = torch.autograd.forward_ad.unpack_dual(dual).tangent
     want = torch.stack([torch.func.jvp(m, (x.detach(),), (tangent,))[1] for m in models])
