@@ -46,7 +46,7 @@ class _RowsProduct(torch.autograd.Function):
     transpose of a contiguous ``[members, in, out]`` product, which
     ``AccumulateGrad`` then copies into the weight's layout (80 us for 100
     members of 32 x 32 on one CPU thread, where the product itself takes 50);
-    here it is ``grad.mT @ h``, made in place. Written in the classic
+    here it is ``grad.mT @ h``, which comes out in that layout. Written in the classic
     ``forward(ctx, ...)`` form: with ``setup_context``, ``Function.apply`` binds
     the arguments through ``inspect.signature`` on every call (about 50 us per
     layer, measured). The backward is made of differentiable operations
